@@ -1,0 +1,126 @@
+"""Validate one day (or a range of days) of input tables against the data contract.
+
+    python -m pipelines.validate_inputs --date=2026-01-01 --input_root=workdir/raw --output_root=workdir/out \
+        --runner=FnApiRunner
+
+Reads   <input_root>/{watch_events,search_events,videos}/date=D/*.parquet   (or BigQuery with --source=bigquery)
+Writes  <output_root>/validated/<table>/date=D/part-*.parquet + _SUCCESS   rows that passed, deduplicated; this is
+                                                                        itself a valid --input_root for later jobs
+        <output_root>/dead_letter/<table>/date=D/part-*.parquet          rejected rows: the row as JSON + reason
+        <output_root>/validation_runs/date=D/summary.json + _SUCCESS     rows in / out / dead per reason; in = out + dead
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+from typing import List, Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.options import TokenMindsOptions, is_dry_run, processing_dates, source_config
+from transforms import outputs, schemas
+from transforms.sources import ReadTable
+from transforms.validation import ValidateRows
+
+
+class ValidateInputsOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser):
+        parser.add_argument("--tables", default=",".join(schemas.INPUT_TABLES),
+                            help="Comma-separated input tables to validate.")
+        parser.add_argument("--validated_shards", type=int, default=2,
+                            help="Parquet shards per validated table partition.")
+
+
+def validated_root(output_root: str) -> str:
+    return outputs.join(output_root, "validated")
+
+
+def dead_letter_root(output_root: str) -> str:
+    return outputs.join(output_root, schemas.DEAD_LETTER)
+
+
+def run_dir(output_root: str, date: dt.date) -> str:
+    return schemas.partition_dir(output_root, "validation_runs", date)
+
+
+def output_dirs(output_root: str, tables: List[str], date: dt.date) -> List[str]:
+    return ([schemas.partition_dir(validated_root(output_root), t, date) for t in tables]
+            + [schemas.partition_dir(dead_letter_root(output_root), t, date) for t in tables]
+            + [run_dir(output_root, date)])
+
+
+def validate_day(pipeline: beam.Pipeline, date: dt.date, tables: List[str], source, output_root: str,
+                 embedding_dim: int, validated_shards: int) -> None:
+    """Read, validate and write every table of one day, then its summary and _SUCCESS markers."""
+    counts, writes = [], []
+    for table in tables:
+        step = f"{table}@{date}"
+        rows = pipeline | f"Read {step}" >> ReadTable(table, date, source)
+        validated = rows | f"Validate {step}" >> ValidateRows(table, date, embedding_dim)
+        writes.append(validated["valid"] | f"WriteValid {step}" >> outputs.WriteParquetShards(
+            schemas.partition_dir(validated_root(output_root), table, date), schemas.input_schema(table),
+            num_shards=validated_shards))
+        writes.append(validated["dead"] | f"WriteDead {step}" >> outputs.WriteParquetShards(
+            schemas.partition_dir(dead_letter_root(output_root), table, date), schemas.DEAD_LETTER_SCHEMA))
+        counts += [rows | f"CountIn {step}" >> outputs.CountRows(table, date.isoformat(), outputs.IN),
+                   validated["valid"] | f"CountOut {step}" >> outputs.CountRows(table, date.isoformat(), outputs.OUT),
+                   validated["dead"] | f"CountDead {step}" >> outputs.CountRows(table, date.isoformat(), outputs.DEAD)]
+    summary = (counts | f"AllCountKeys {date}" >> beam.Flatten() | f"Summarize {date}" >> outputs.SummarizeCounts(
+        extra={"job": "validate_inputs", "date": date.isoformat(), "embedding_dim": embedding_dim}))
+    success_dirs = [schemas.partition_dir(validated_root(output_root), t, date) for t in tables]
+    _ = summary | f"Finish {date}" >> outputs.WriteSummaryAndSuccess(
+        outputs.join(run_dir(output_root, date), "summary.json"), success_dirs + [run_dir(output_root, date)],
+        after=writes)
+
+
+def run(argv: Optional[List[str]] = None) -> List[dict]:
+    options = PipelineOptions(argv)
+    common = options.view_as(TokenMindsOptions)
+    job = options.view_as(ValidateInputsOptions)
+    dates = processing_dates(options)
+    source = source_config(options)
+    tables = [t.strip() for t in job.tables.split(",") if t.strip()]
+    unknown = sorted(set(tables) - set(schemas.INPUT_TABLES))
+    if unknown:
+        raise ValueError(f"--tables names unknown tables {unknown}; expected a subset of {schemas.INPUT_TABLES}")
+
+    if not is_dry_run(options):
+        # A rerun replaces the day's outputs completely: nothing from an earlier run may survive beside the new.
+        for date in dates:
+            for directory in output_dirs(common.output_root, tables, date):
+                outputs.clear_output_dir(directory)
+
+    pipeline = beam.Pipeline(options=options)
+    for date in dates:
+        validate_day(pipeline, date, tables, source, common.output_root, common.embedding_dim, job.validated_shards)
+    result = pipeline.run()
+    if is_dry_run(options):
+        return []
+    result.wait_until_finish()
+
+    summaries = [outputs.read_json_file(outputs.join(run_dir(common.output_root, d), "summary.json")) for d in dates]
+    for summary in summaries:
+        totals = summary["totals"]
+        logging.info("validate_inputs %s: in=%d out=%d dead=%d %s balanced=%s", summary["date"],
+                     totals["rows_in"], totals["rows_out"], totals["rows_dead"], totals["dead_by_reason"],
+                     totals["balanced"])
+        if not totals["balanced"]:
+            raise RuntimeError(f"row accounting failed for {summary['date']}: {totals}")
+    return summaries
+
+
+def main(argv=None):
+    logging.getLogger().setLevel(logging.INFO)
+    summaries = run(argv)
+    for summary in summaries:
+        totals = summary["totals"]
+        print(f"{summary['date']}: rows in={totals['rows_in']} out={totals['rows_out']} dead={totals['rows_dead']} "
+              f"{totals['dead_by_reason']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,160 @@
+"""Writing a job's outputs so that readers only ever see complete ones, and reruns replace rather than add.
+
+Conventions every job follows for each output partition ``<dir>``:
+- the driver empties ``<dir>`` before the job starts (``clear_output_dir``), so a rerun leaves no stale shards;
+- data shards are ``<dir>/part-SSSSS-of-NNNNN.<ext>`` with a fixed shard count;
+- the run summary (JSON) and then ``_SUCCESS`` are written last, by steps that take the written files as side
+  inputs and therefore run only after every shard is finalized. Readers wait for ``_SUCCESS``.
+
+Also the run summary itself: every input row is counted on the way in and on the way out (valid or dead-lettered,
+per reason), and the summary states whether in = out + dead held.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.parquetio import WriteToParquet
+
+SUCCESS_MARKER = "_SUCCESS"
+SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
+
+
+def join(*parts: str) -> str:
+    return FileSystems.join(*parts) if parts else ""
+
+
+def clear_output_dir(directory: str) -> int:
+    """Deletes everything under ``directory`` (a local path or gs://). Returns the number of files removed."""
+    matches = FileSystems.match([join(directory, "**")])[0].metadata_list
+    paths = [m.path for m in matches]
+    if paths:
+        FileSystems.delete(paths)
+    return len(paths)
+
+
+def success_marker_exists(directory: str) -> bool:
+    return FileSystems.exists(join(directory, SUCCESS_MARKER))
+
+
+def write_text_file(path: str, text: str) -> str:
+    with FileSystems.create(path) as handle:
+        handle.write(text.encode("utf-8"))
+    return path
+
+
+def read_json_file(path: str):
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+class WriteParquetShards(beam.PTransform):
+    """Rows (dicts) to ``<directory>/part-SSSSS-of-NNNNN.parquet``; outputs the written file names."""
+
+    def __init__(self, directory: str, schema: pa.Schema, num_shards: int = 1):
+        super().__init__()
+        self._directory, self._schema, self._num_shards = directory, schema, num_shards
+
+    def expand(self, rows):
+        return rows | WriteToParquet(
+            file_path_prefix=join(self._directory, "part"), schema=self._schema, codec="zstd",
+            file_name_suffix=".parquet", num_shards=self._num_shards, shard_name_template=SHARD_TEMPLATE)
+
+
+class _WriteAfter(beam.DoFn):
+    """Writes one small file from the element, once the side inputs (earlier writes) are complete."""
+
+    def process(self, element, *completed_writes, path, render):
+        yield write_text_file(path, render(element))
+
+
+def write_after(pcoll_with_one_element, path: str, render, after: Sequence[beam.PCollection], label: str):
+    """Writes ``render(element)`` to ``path`` only after every PCollection in ``after`` has been computed."""
+    side_inputs = [beam.pvalue.AsList(p) for p in after]
+    return pcoll_with_one_element | label >> beam.ParDo(_WriteAfter(), *side_inputs, path=path, render=render)
+
+
+def _render_json(value) -> str:
+    return json.dumps(value, indent=2, sort_keys=True) + "\n"
+
+
+class WriteSummaryAndSuccess(beam.PTransform):
+    """Writes ``summary`` (a one-element PCollection of a dict) as JSON, then the ``_SUCCESS`` marker(s).
+
+    ``after`` lists the data writes the summary must wait for; markers are written after the summary.
+    """
+
+    def __init__(self, summary_path: str, success_dirs: Iterable[str], after: Sequence[beam.PCollection]):
+        super().__init__()
+        self._summary_path, self._success_dirs, self._after = summary_path, list(success_dirs), list(after)
+
+    def expand(self, summary):
+        written = write_after(summary, self._summary_path, _render_json, self._after, "WriteSummary")
+        markers = [write_after(written, join(d, SUCCESS_MARKER), lambda _: "", [], f"WriteSuccess{i}")
+                   for i, d in enumerate(self._success_dirs)]
+        return markers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row accounting.
+# ---------------------------------------------------------------------------------------------------------------
+IN, OUT, DEAD = "in", "out", "dead"
+CountKey = Tuple[str, str, str, str]  # (table, partition date, IN|OUT|DEAD, dead reason or "")
+
+
+def summarize_counts(counts: Iterable[Tuple[CountKey, int]]) -> Dict:
+    """Per table and date: rows in, out, dead (per reason), and whether in = out + dead. Plus totals."""
+    tables: Dict[str, Dict[str, Dict]] = defaultdict(dict)
+    for (table, date, kind, reason), n in counts:
+        entry = tables[table].setdefault(date, {"rows_in": 0, "rows_out": 0, "rows_dead": 0, "dead_by_reason": {}})
+        if kind == IN:
+            entry["rows_in"] += n
+        elif kind == OUT:
+            entry["rows_out"] += n
+        elif kind == DEAD:
+            entry["rows_dead"] += n
+            entry["dead_by_reason"][reason] = entry["dead_by_reason"].get(reason, 0) + n
+        else:
+            raise ValueError(f"unknown count kind {kind!r}")
+    totals = {"rows_in": 0, "rows_out": 0, "rows_dead": 0, "dead_by_reason": defaultdict(int)}
+    for per_date in tables.values():
+        for entry in per_date.values():
+            entry["balanced"] = entry["rows_in"] == entry["rows_out"] + entry["rows_dead"]
+            for key in ("rows_in", "rows_out", "rows_dead"):
+                totals[key] += entry[key]
+            for reason, n in entry["dead_by_reason"].items():
+                totals["dead_by_reason"][reason] += n
+    totals["dead_by_reason"] = dict(sorted(totals["dead_by_reason"].items()))
+    totals["balanced"] = totals["rows_in"] == totals["rows_out"] + totals["rows_dead"]
+    return {"tables": {t: dict(sorted(d.items())) for t, d in sorted(tables.items())}, "totals": totals}
+
+
+class CountRows(beam.PTransform):
+    """Tags every element with a count key; combine the tagged streams with ``SummarizeCounts``."""
+
+    def __init__(self, table: str, date: str, kind: str):
+        super().__init__()
+        self._key_fn = (lambda row, k=(table, date, kind): k + (row["reason"],)) if kind == DEAD else (
+            lambda _, k=(table, date, kind, ""): k)
+
+    def expand(self, pcoll):
+        return pcoll | beam.Map(self._key_fn)
+
+
+class SummarizeCounts(beam.PTransform):
+    """Count keys (flattened from several ``CountRows``) to one summary dict (``summarize_counts``) plus ``extra``."""
+
+    def __init__(self, extra: Dict):
+        super().__init__()
+        self._extra = extra
+
+    def expand(self, count_keys: beam.PCollection):
+        return (count_keys
+                | "CountPerKey" >> beam.combiners.Count.PerElement()
+                | "AllCounts" >> beam.combiners.ToList()
+                | "Summarize" >> beam.Map(lambda counts, extra: {**extra, **summarize_counts(counts)},
+                                          extra=self._extra))

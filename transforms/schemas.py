@@ -1,0 +1,185 @@
+"""The data contract: every table the pipelines read or write, defined once.
+
+Each table has a pyarrow schema (Parquet files, the embedded default) and the matching BigQuery table schema
+(production). Everything else imports from here; no other module spells out a column list.
+
+Input tables are partitioned by event date:
+``<input_root>/<table>/date=YYYY-MM-DD/*.parquet`` locally or on GCS, and date-partitioned BigQuery tables
+(``_PARTITIONDATE`` or the column named in ``PARTITION_COLUMN``) in production.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Dict, List
+
+import pyarrow as pa
+
+# ---------------------------------------------------------------------------------------------------------------
+# Domain constants of the contract.
+# ---------------------------------------------------------------------------------------------------------------
+SCENARIOS = ("LFV", "SFV")  # long-form video, short-form video
+SURFACES = ("home", "watch_next", "shorts_feed", "search", "subscriptions", "other")
+DEVICES = ("IOS", "ANDROID", "WEB", "TV", "OTHER")
+
+DEFAULT_EMBEDDING_DIM = 64  # the sample data's content-embedding width; MovieLens imports use 384
+MAX_QUERY_CHARS = 256  # longer queries are dead-lettered, not truncated silently
+MAX_ID_CHARS = 128
+MAX_WATCH_TIME_S = 24 * 3600.0  # a single watch longer than a day is a logging error
+
+# Events must lie in their partition's day; this bound catches clock garbage (year 1970, year 2200).
+MIN_VALID_TS = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+MAX_VALID_TS = dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc)
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input tables.
+# ---------------------------------------------------------------------------------------------------------------
+WATCH_EVENTS = "watch_events"
+SEARCH_EVENTS = "search_events"
+VIDEOS = "videos"
+INPUT_TABLES = (WATCH_EVENTS, SEARCH_EVENTS, VIDEOS)
+
+WATCH_EVENTS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string()),
+    pa.field("video_id", pa.string()),
+    pa.field("event_ts", TIMESTAMP),
+    pa.field("scenario", pa.string()),
+    pa.field("watch_time_s", pa.float64()),
+    pa.field("video_duration_s", pa.float64()),
+    pa.field("surface", pa.string()),
+    pa.field("device", pa.string()),
+    pa.field("liked", pa.bool_()),
+    pa.field("disliked", pa.bool_()),
+])
+
+SEARCH_EVENTS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string()),
+    pa.field("event_ts", TIMESTAMP),
+    pa.field("query", pa.string()),
+])
+
+
+def videos_schema() -> pa.Schema:
+    """The catalog table. The embedding is a variable-length list in the file so that a row of the wrong width
+    reaches validation (and the dead-letter output) instead of failing the whole file at read time."""
+    return pa.schema([
+        pa.field("video_id", pa.string()),
+        pa.field("scenario", pa.string()),
+        pa.field("content_embedding", pa.list_(pa.float32())),
+        pa.field("publish_ts", TIMESTAMP),
+    ])
+
+
+VIDEOS_SCHEMA = videos_schema()
+
+# The column whose UTC date decides a row's partition, per table.
+PARTITION_COLUMN = {WATCH_EVENTS: "event_ts", SEARCH_EVENTS: "event_ts", VIDEOS: "publish_ts"}
+
+# Columns every valid row has. Files and BigQuery keep all columns NULLABLE on purpose: a missing value must reach
+# ValidateRows and be dead-lettered with a reason, not abort a whole file load.
+REQUIRED_FIELDS = {
+    WATCH_EVENTS: ("user_id", "video_id", "event_ts", "scenario", "watch_time_s", "video_duration_s"),
+    SEARCH_EVENTS: ("user_id", "event_ts", "query"),
+    VIDEOS: ("video_id", "scenario", "content_embedding", "publish_ts"),
+}
+OPTIONAL_DEFAULTS = {
+    WATCH_EVENTS: {"surface": "other", "device": "OTHER", "liked": False, "disliked": False},
+    SEARCH_EVENTS: {},
+    VIDEOS: {},
+}
+
+# Columns that together identify one event: two rows with equal keys are duplicates.
+DEDUP_KEY = {
+    WATCH_EVENTS: ("user_id", "video_id", "event_ts", "scenario"),
+    SEARCH_EVENTS: ("user_id", "event_ts", "query"),
+    VIDEOS: ("video_id",),
+}
+
+
+def input_schema(table: str) -> pa.Schema:
+    if table == WATCH_EVENTS:
+        return WATCH_EVENTS_SCHEMA
+    if table == SEARCH_EVENTS:
+        return SEARCH_EVENTS_SCHEMA
+    if table == VIDEOS:
+        return videos_schema()
+    raise ValueError(f"unknown input table {table!r}; expected one of {INPUT_TABLES}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output tables written by the pipelines.
+# ---------------------------------------------------------------------------------------------------------------
+DEAD_LETTER = "dead_letter"
+# A rejected row: the row as it came (JSON, lossless for every type the readers produce) plus why.
+DEAD_LETTER_SCHEMA = pa.schema([
+    pa.field("table", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("detail", pa.string()),
+    pa.field("raw_row", pa.string()),
+    pa.field("partition_date", pa.string()),
+])
+
+VIDEO_SIDS = "video_sids"
+VIDEO_SIDS_SCHEMA = pa.schema([
+    pa.field("video_id", pa.string()),
+    pa.field("scenario", pa.string()),
+    pa.field("sid", pa.list_(pa.int32())),  # one code per RQ level
+    pa.field("disambiguation", pa.int32()),  # 0 unless another video shares the full SID
+    pa.field("sid_model_version", pa.string()),
+    pa.field("assigned_date", pa.string()),
+])
+
+# ---------------------------------------------------------------------------------------------------------------
+# BigQuery equivalents. Derived from the pyarrow schemas so the two can never drift apart.
+# ---------------------------------------------------------------------------------------------------------------
+_BQ_TYPES = {
+    pa.string(): "STRING",
+    pa.float64(): "FLOAT64",
+    pa.float32(): "FLOAT64",
+    pa.int64(): "INT64",
+    pa.int32(): "INT64",
+    pa.bool_(): "BOOL",
+    TIMESTAMP: "TIMESTAMP",
+}
+
+
+def _bq_field(field: pa.Field) -> Dict:
+    mode = "NULLABLE" if field.nullable else "REQUIRED"
+    arrow_type = field.type
+    if pa.types.is_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        mode, arrow_type = "REPEATED", arrow_type.value_type
+    if arrow_type not in _BQ_TYPES:
+        raise TypeError(f"no BigQuery type for {field.name}: {arrow_type}")
+    return {"name": field.name, "type": _BQ_TYPES[arrow_type], "mode": mode}
+
+
+def bigquery_schema(schema: pa.Schema) -> Dict[str, List[Dict]]:
+    """A pyarrow schema as the dict ``WriteToBigQuery(schema=...)`` and the BigQuery client accept."""
+    return {"fields": [_bq_field(f) for f in schema]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Partition paths.
+# ---------------------------------------------------------------------------------------------------------------
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def parse_date(value: str) -> dt.date:
+    """A ``YYYY-MM-DD`` option value as a date, with an error that names the bad value."""
+    if not isinstance(value, str) or not _DATE_RE.match(value):
+        raise ValueError(f"expected a date as YYYY-MM-DD, got {value!r}")
+    return dt.date.fromisoformat(value)
+
+
+def partition_dir(root: str, table: str, date: dt.date | str) -> str:
+    date_str = date if isinstance(date, str) else date.isoformat()
+    parse_date(date_str)
+    return f"{root.rstrip('/')}/{table}/date={date_str}"
+
+
+def day_bounds(date: dt.date) -> tuple[dt.datetime, dt.datetime]:
+    """[start, end) of a UTC day."""
+    start = dt.datetime(date.year, date.month, date.day, tzinfo=dt.timezone.utc)
+    return start, start + dt.timedelta(days=1)

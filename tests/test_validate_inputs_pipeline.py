@@ -92,3 +92,32 @@ def test_range_run_validates_each_day_into_its_own_partition(tmp_path):
 def test_unknown_table_option_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown tables"):
         run(tmp_path, FNAPI, ["--tables=watch_events,clicks"])
+
+
+PLANTED_KIND_TO_REASON = {
+    "null_user_id": v.MISSING_FIELD, "nan_watch_time": v.BAD_WATCH_TIME, "negative_watch_time": v.BAD_WATCH_TIME,
+    "unknown_scenario": v.UNKNOWN_SCENARIO, "duplicate_watch_event": v.DUPLICATE_EVENT,
+    "duplicate_search_event": v.DUPLICATE_EVENT, "watch_ts_outside_partition": v.TIMESTAMP_OUT_OF_RANGE,
+    "search_ts_outside_partition": v.TIMESTAMP_OUT_OF_RANGE, "empty_query": v.EMPTY_QUERY,
+    "overlong_query": v.QUERY_TOO_LONG, "wrong_embedding_length": v.BAD_EMBEDDING,
+}
+
+
+def test_generated_sample_data_dead_letters_exactly_the_planted_bad_rows(tmp_path):
+    from transforms.sample_data import SampleDataConfig, generate_sample_dataset, write_sample_dataset
+
+    config = SampleDataConfig(users=300, days=2, seed=3, lfv_videos=300, sfv_videos=600, bad_row_rate=0.01)
+    manifest = write_sample_dataset(generate_sample_dataset(config), str(tmp_path / "raw"))
+    summaries = validate_inputs.run([f"--start_date={config.dates[0]}", f"--end_date={config.dates[-1]}",
+                                     f"--input_root={tmp_path}/raw", f"--output_root={tmp_path}/out", *FNAPI])
+    expected = {}
+    for kind, n in manifest["planted_bad_rows"].items():
+        expected[PLANTED_KIND_TO_REASON[kind]] = expected.get(PLANTED_KIND_TO_REASON[kind], 0) + n
+    found = {}
+    for summary in summaries:
+        assert summary["totals"]["balanced"]
+        for reason, n in summary["totals"]["dead_by_reason"].items():
+            found[reason] = found.get(reason, 0) + n
+    assert found == {r: n for r, n in expected.items() if n}
+    rows_in = sum(s["totals"]["rows_in"] for s in summaries)
+    assert rows_in == sum(sum(per_day.values()) for per_day in manifest["row_counts"].values())

@@ -6,8 +6,9 @@ Conventions every job follows for each output partition ``<dir>``:
 - the run summary (JSON) and then ``_SUCCESS`` are written last, by steps that take the written files as side
   inputs and therefore run only after every shard is finalized. Readers wait for ``_SUCCESS``.
 
-Also the run summary itself: every input row is counted on the way in and on the way out (valid or dead-lettered,
-per reason), and the summary states whether in = out + dead held.
+Also the run summary itself: every input row is counted on the way in and on the way out: written (out),
+dead-lettered (dead, per reason) or dropped by a documented bound (dropped, per reason; e.g. the 1,200-watch
+history cap). The summary states whether in = out + dead + dropped held.
 """
 from __future__ import annotations
 
@@ -102,51 +103,68 @@ class WriteSummaryAndSuccess(beam.PTransform):
 # ---------------------------------------------------------------------------------------------------------------
 # Row accounting.
 # ---------------------------------------------------------------------------------------------------------------
-IN, OUT, DEAD = "in", "out", "dead"
-CountKey = Tuple[str, str, str, str]  # (table, partition date, IN|OUT|DEAD, dead reason or "")
+IN, OUT, DEAD, DROPPED = "in", "out", "dead", "dropped"
+CountKey = Tuple[str, str, str, str]  # (table, partition date, IN|OUT|DEAD|DROPPED, reason or "")
 
 
 def summarize_counts(counts: Iterable[Tuple[CountKey, int]]) -> Dict:
-    """Per table and date: rows in, out, dead (per reason), and whether in = out + dead. Plus totals."""
+    """Per table and date: rows in, out, dead and dropped (per reason), and whether in = out + dead + dropped.
+
+    ``dropped`` appears only where some job drops rows by design; plus totals over all tables and dates.
+    """
     tables: Dict[str, Dict[str, Dict]] = defaultdict(dict)
+
+    def new_entry():
+        return {"rows_in": 0, "rows_out": 0, "rows_dead": 0, "dead_by_reason": {}}
+
     for (table, date, kind, reason), n in counts:
-        entry = tables[table].setdefault(date, {"rows_in": 0, "rows_out": 0, "rows_dead": 0, "dead_by_reason": {}})
+        entry = tables[table].setdefault(date, new_entry())
         if kind == IN:
             entry["rows_in"] += n
         elif kind == OUT:
             entry["rows_out"] += n
-        elif kind == DEAD:
-            entry["rows_dead"] += n
-            entry["dead_by_reason"][reason] = entry["dead_by_reason"].get(reason, 0) + n
+        elif kind in (DEAD, DROPPED):
+            entry[f"rows_{kind}"] = entry.get(f"rows_{kind}", 0) + n
+            by_reason = entry.setdefault(f"{kind}_by_reason", {})
+            by_reason[reason] = by_reason.get(reason, 0) + n
         else:
             raise ValueError(f"unknown count kind {kind!r}")
-    totals = {"rows_in": 0, "rows_out": 0, "rows_dead": 0, "dead_by_reason": defaultdict(int)}
+    totals = new_entry()
     for per_date in tables.values():
         for entry in per_date.values():
-            entry["balanced"] = entry["rows_in"] == entry["rows_out"] + entry["rows_dead"]
-            for key in ("rows_in", "rows_out", "rows_dead"):
-                totals[key] += entry[key]
-            for reason, n in entry["dead_by_reason"].items():
-                totals["dead_by_reason"][reason] += n
-    totals["dead_by_reason"] = dict(sorted(totals["dead_by_reason"].items()))
-    totals["balanced"] = totals["rows_in"] == totals["rows_out"] + totals["rows_dead"]
+            entry["balanced"] = entry["rows_in"] == (entry["rows_out"] + entry["rows_dead"]
+                                                     + entry.get("rows_dropped", 0))
+            for key, value in entry.items():
+                if key.endswith("_by_reason"):
+                    merged = totals.setdefault(key, {})
+                    for reason, n in value.items():
+                        merged[reason] = merged.get(reason, 0) + n
+                elif key.startswith("rows_"):
+                    totals[key] = totals.get(key, 0) + value
+    for key in [k for k in totals if k.endswith("_by_reason")]:
+        totals[key] = dict(sorted(totals[key].items()))
+    totals["balanced"] = totals["rows_in"] == (totals["rows_out"] + totals["rows_dead"]
+                                               + totals.get("rows_dropped", 0))
     return {"tables": {t: dict(sorted(d.items())) for t, d in sorted(tables.items())}, "totals": totals}
 
 
 class CountRows(beam.PTransform):
-    """Tags every element with a count key; combine the tagged streams with ``SummarizeCounts``."""
+    """Each element becomes a (count key, 1) pair; combine the streams with ``SummarizeCounts``.
+
+    For DEAD the element is a dead-letter row and its ``reason`` goes into the key.
+    """
 
     def __init__(self, table: str, date: str, kind: str):
         super().__init__()
-        self._key_fn = (lambda row, k=(table, date, kind): k + (row["reason"],)) if kind == DEAD else (
-            lambda _, k=(table, date, kind, ""): k)
+        self._key_fn = (lambda row, k=(table, date, kind): (k + (row["reason"],), 1)) if kind == DEAD else (
+            lambda _, k=(table, date, kind, ""): (k, 1))
 
     def expand(self, pcoll):
         return pcoll | beam.Map(self._key_fn)
 
 
 class SummarizeCounts(beam.PTransform):
-    """Count keys (flattened from several ``CountRows``) to one summary dict (``summarize_counts``) plus ``extra``."""
+    """(count key, n) pairs, flattened from several sources, to one summary dict (``summarize_counts``) + ``extra``."""
 
     def __init__(self, extra: Dict):
         super().__init__()
@@ -154,7 +172,7 @@ class SummarizeCounts(beam.PTransform):
 
     def expand(self, count_keys: beam.PCollection):
         return (count_keys
-                | "CountPerKey" >> beam.combiners.Count.PerElement()
+                | "SumPerKey" >> beam.CombinePerKey(sum)
                 | "AllCounts" >> beam.combiners.ToList()
                 | "Summarize" >> beam.Map(lambda counts, extra: {**extra, **summarize_counts(counts)},
                                           extra=self._extra))

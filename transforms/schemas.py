@@ -183,3 +183,45 @@ def day_bounds(date: dt.date) -> tuple[dt.datetime, dt.datetime]:
     """[start, end) of a UTC day."""
     start = dt.datetime(date.year, date.month, date.day, tzinfo=dt.timezone.utc)
     return start, start + dt.timedelta(days=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# User history snapshots (pipelines.update_histories): each user's recent events as of the end of a day.
+# Nested records keep times as int64 UTC epoch microseconds (``event_ts_us``): exact, and cheap to compare.
+# ---------------------------------------------------------------------------------------------------------------
+HISTORIES = "histories"
+DEFAULT_MAX_HISTORY_WATCHES = 1200  # the paper's "last 1,200 watches"
+DEFAULT_MAX_HISTORY_SEARCHES = 100
+
+HISTORY_WATCH_TYPE = pa.struct([
+    pa.field("video_id", pa.string()),
+    pa.field("scenario", pa.string()),
+    pa.field("event_ts_us", pa.int64()),
+    pa.field("watch_time_s", pa.float64()),
+    pa.field("video_duration_s", pa.float64()),
+    pa.field("surface", pa.string()),
+    pa.field("device", pa.string()),
+    pa.field("liked", pa.bool_()),
+    pa.field("disliked", pa.bool_()),
+    pa.field("sid", pa.list_(pa.int32())),  # full-depth SID codes under sid_model_version
+])
+HISTORY_SEARCH_TYPE = pa.struct([
+    pa.field("event_ts_us", pa.int64()),
+    pa.field("query", pa.string()),
+])
+HISTORIES_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string()),
+    pa.field("snapshot_date", pa.string()),  # the day whose end this snapshot describes
+    pa.field("sid_model_version", pa.string()),
+    pa.field("watches", pa.list_(HISTORY_WATCH_TYPE)),  # oldest first, at most max_history_watches
+    pa.field("searches", pa.list_(HISTORY_SEARCH_TYPE)),  # oldest first, at most max_history_searches
+])
+
+
+def to_epoch_us(ts: dt.datetime) -> int:
+    """Exact microseconds since the epoch (float timestamps lose microseconds for present-day dates)."""
+    return (ts - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
+
+
+def from_epoch_us(us: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=int(us))

@@ -134,7 +134,8 @@ def update_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validat
               attached["dead"] | "WriteDead" >> outputs.WriteParquetShards(dead_dir, schemas.DEAD_LETTER_SCHEMA)]
     counts += [attached["dead"] | "CountDead" >> outputs.CountRows(schemas.WATCH_EVENTS, day, outputs.DEAD),
                folded["counts"],
-               folded["snapshots"] | "CountUsers" >> outputs.CountRows(schemas.HISTORIES, day, outputs.OUT)]
+               folded["snapshots"] | "CountUsers" >> outputs.CountRows(schemas.HISTORIES, day, outputs.STAT,
+                                                                       "users")]
     summary = (counts | "AllCounts" >> beam.Flatten()
                | "Summarize" >> outputs.SummarizeCounts(extra={
                    "job": "update_histories", "date": day, "sid_model_version": version,
@@ -175,7 +176,7 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
 def main(argv=None):
     logging.getLogger().setLevel(logging.INFO)
     for summary in run(argv):
-        users = summary["tables"].get(schemas.HISTORIES, {}).get(summary["date"], {}).get("rows_out", 0)
+        users = summary["stats"].get(f"{schemas.HISTORIES}.users", 0)
         print(f"{summary['date']}: {users} user snapshots; {summary['totals']}")
 
 

@@ -170,8 +170,8 @@ class AttachSids(beam.PTransform):
         watches, video_sids = inputs
         by_video = watches | "KeyByVideo" >> beam.Map(lambda row: (row["video_id"], row))
         joined = {"watches": by_video, "sids": video_sids} | "JoinSids" >> beam.CoGroupByKey()
-        attached = joined | "AttachSid" >> beam.ParDo(_AttachSids(self._date)).with_outputs(
-            _AttachSids.DEAD, main="watches")
+        attached = joined | "AttachSid" >> beam.ParDo(_AttachSids(self._date)).with_output_types(
+            Tuple[str, Dict[str, Any]]).with_outputs(_AttachSids.DEAD, main="watches")
         return {"watches": attached.watches, "dead": attached[_AttachSids.DEAD]}
 
 
@@ -199,7 +199,8 @@ class FoldHistories(beam.PTransform):
         grouped = ({"previous": previous, "watches": bounded_watches, "searches": bounded_searches}
                    | "GroupByUser" >> beam.CoGroupByKey())
         folded = grouped | "Fold" >> beam.ParDo(
-            _Fold(self._date, self._version, self._max_watches, self._max_searches)).with_outputs(
+            _Fold(self._date, self._version, self._max_watches, self._max_searches)).with_output_types(
+                Dict[str, Any]).with_outputs(
                 _Fold.COUNTS, main="snapshots")
         return {"snapshots": folded.snapshots, "counts": folded[_Fold.COUNTS]}
 

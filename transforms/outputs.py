@@ -104,7 +104,8 @@ class WriteSummaryAndSuccess(beam.PTransform):
 # Row accounting.
 # ---------------------------------------------------------------------------------------------------------------
 IN, OUT, DEAD, DROPPED = "in", "out", "dead", "dropped"
-CountKey = Tuple[str, str, str, str]  # (table, partition date, IN|OUT|DEAD|DROPPED, reason or "")
+STAT = "stat"  # a figure reported beside the accounting (e.g. users written), not part of any balance
+CountKey = Tuple[str, str, str, str]  # (table, partition date, IN|OUT|DEAD|DROPPED|STAT, reason or stat name)
 
 
 def summarize_counts(counts: Iterable[Tuple[CountKey, int]]) -> Dict:
@@ -113,11 +114,15 @@ def summarize_counts(counts: Iterable[Tuple[CountKey, int]]) -> Dict:
     ``dropped`` appears only where some job drops rows by design; plus totals over all tables and dates.
     """
     tables: Dict[str, Dict[str, Dict]] = defaultdict(dict)
+    stats: Dict[str, int] = {}
 
     def new_entry():
         return {"rows_in": 0, "rows_out": 0, "rows_dead": 0, "dead_by_reason": {}}
 
     for (table, date, kind, reason), n in counts:
+        if kind == STAT:
+            stats[f"{table}.{reason}"] = stats.get(f"{table}.{reason}", 0) + n
+            continue
         entry = tables[table].setdefault(date, new_entry())
         if kind == IN:
             entry["rows_in"] += n
@@ -145,19 +150,20 @@ def summarize_counts(counts: Iterable[Tuple[CountKey, int]]) -> Dict:
         totals[key] = dict(sorted(totals[key].items()))
     totals["balanced"] = totals["rows_in"] == (totals["rows_out"] + totals["rows_dead"]
                                                + totals.get("rows_dropped", 0))
-    return {"tables": {t: dict(sorted(d.items())) for t, d in sorted(tables.items())}, "totals": totals}
+    return {"tables": {t: dict(sorted(d.items())) for t, d in sorted(tables.items())}, "totals": totals,
+            "stats": dict(sorted(stats.items()))}
 
 
 class CountRows(beam.PTransform):
     """Each element becomes a (count key, 1) pair; combine the streams with ``SummarizeCounts``.
 
-    For DEAD the element is a dead-letter row and its ``reason`` goes into the key.
+    For DEAD the element is a dead-letter row and its ``reason`` goes into the key; for STAT, ``stat`` names it.
     """
 
-    def __init__(self, table: str, date: str, kind: str):
+    def __init__(self, table: str, date: str, kind: str, stat: str = ""):
         super().__init__()
         self._key_fn = (lambda row, k=(table, date, kind): (k + (row["reason"],), 1)) if kind == DEAD else (
-            lambda _, k=(table, date, kind, ""): (k, 1))
+            lambda _, k=(table, date, kind, stat): (k, 1))
 
     def expand(self, pcoll):
         return pcoll | beam.Map(self._key_fn)

@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import TokenMindsOptions, is_dry_run, processing_dates
+from pipelines.options import TokenMindsOptions, is_dry_run, processing_dates, validated_root
 from tokenminds_model.checkpoints import read_sid_model_config
 from tokenminds_model.vocabulary import DEFAULT_DISAMBIGUATION_SIZE
 from transforms import outputs, schemas
@@ -45,8 +45,6 @@ class AssignSidsOptions(PipelineOptions):
     def _add_argparse_args(cls, parser: argparse.ArgumentParser):
         parser.add_argument("--sid_model", required=False, default=None,
                             help="SID model checkpoint directory (pipelines.train_sid_model --output).")
-        parser.add_argument("--validated_root", default=None,
-                            help="Validated input tables (default: <output_root>/validated).")
         parser.add_argument("--inference_batch_size", type=int, default=1024)
         parser.add_argument("--max_disambiguation_codes", type=int, default=DEFAULT_DISAMBIGUATION_SIZE)
         parser.add_argument("--sid_shards", type=int, default=2)
@@ -143,7 +141,7 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
         raise ValueError(f"SID model {job.sid_model} expects {model_config['config']['input_dim']}-d embeddings, "
                          f"--embedding_dim is {common.embedding_dim}")
     version = model_config["version"]
-    validated_root = job.validated_root or outputs.join(common.output_root, "validated")
+    validated_tables = validated_root(options)
     summaries = []
     # Sequential by nature: each day carries over the day before.
     for date in processing_dates(options):
@@ -152,7 +150,7 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
             outputs.clear_output_dir(schemas.partition_dir(outputs.join(common.output_root, schemas.DEAD_LETTER),
                                                            schemas.VIDEO_SIDS, date))
         pipeline = beam.Pipeline(options=options)
-        assign_day(pipeline, date, common.output_root, validated_root, job.sid_model, version, job)
+        assign_day(pipeline, date, common.output_root, validated_tables, job.sid_model, version, job)
         result = pipeline.run()
         if is_dry_run(options):
             continue

@@ -34,6 +34,9 @@ class TokenMindsOptions(PipelineOptions):
                             help="BigQuery dataset for materialized query results (default: --bq_dataset).")
         parser.add_argument("--output_root", default=DEFAULT_OUTPUT_ROOT,
                             help="Root under which every output of this job is written (local path or gs://).")
+        parser.add_argument("--validated_root", default=None,
+                            help="Validated input tables, written by validate_inputs "
+                                 "(default: <output_root>/validated).")
         parser.add_argument("--embedding_dim", type=int, default=DEFAULT_EMBEDDING_DIM,
                             help="Width of videos.content_embedding in the input contract.")
         parser.add_argument("--seed", type=int, default=0, help="Seed for every sampling decision.")
@@ -68,3 +71,8 @@ def is_dry_run(options: PipelineOptions) -> bool:
     from apache_beam.options.pipeline_options import TestOptions
 
     return bool(options.view_as(TestOptions).dry_run)
+
+
+def validated_root(options: PipelineOptions) -> str:
+    opts = options.view_as(TokenMindsOptions)
+    return opts.validated_root or f"{opts.output_root.rstrip('/')}/validated"

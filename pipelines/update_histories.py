@@ -26,7 +26,7 @@ import apache_beam as beam
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import TokenMindsOptions, is_dry_run, processing_dates
+from pipelines.options import TokenMindsOptions, is_dry_run, processing_dates, validated_root
 from transforms import histories, outputs, schemas
 from transforms.sources import ReadTable, SourceConfig
 from transforms.validation import parse_timestamp
@@ -37,8 +37,6 @@ SUMMARY_FILE = "summary.json"
 class UpdateHistoriesOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser):
-        parser.add_argument("--validated_root", default=None,
-                            help="Validated input tables (default: <output_root>/validated).")
         parser.add_argument("--max_history_watches", type=int, default=schemas.DEFAULT_MAX_HISTORY_WATCHES)
         parser.add_argument("--max_history_searches", type=int, default=schemas.DEFAULT_MAX_HISTORY_SEARCHES)
         parser.add_argument("--backfill_days", type=int, default=30,
@@ -151,7 +149,7 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     options = PipelineOptions(argv)
     common = options.view_as(TokenMindsOptions)
     job = options.view_as(UpdateHistoriesOptions)
-    validated_root = job.validated_root or outputs.join(common.output_root, "validated")
+    validated_tables = validated_root(options)
     summaries = []
     # Days are sequential by nature (each folds into the one before), so a range runs one job per day.
     for date in processing_dates(options):
@@ -160,7 +158,7 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
                     outputs.join(common.output_root, schemas.DEAD_LETTER), schemas.HISTORIES, date)):
                 outputs.clear_output_dir(directory)
         pipeline = beam.Pipeline(options=options)
-        update_day(pipeline, date, common.output_root, validated_root, job)
+        update_day(pipeline, date, common.output_root, validated_tables, job)
         result = pipeline.run()
         if is_dry_run(options):
             continue

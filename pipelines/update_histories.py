@@ -65,12 +65,6 @@ def require_success(directory: str, what: str) -> None:
         raise FileNotFoundError(f"{what} is not complete: {directory}/_SUCCESS is missing")
 
 
-def _to_watch_row(record):
-    """A previous snapshot's watch record back in validated-row form, to re-join it with new SIDs."""
-    return {**{k: v for k, v in record.items() if k not in ("event_ts_us", "sid")},
-            "event_ts": schemas.from_epoch_us(record["event_ts_us"])}
-
-
 def _with_utc(row, column="event_ts"):
     return {**row, column: parse_timestamp(row[column])}
 
@@ -109,11 +103,11 @@ def update_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validat
         previous = pipeline | "ReadPreviousSnapshot" >> ReadFromParquet(outputs.join(previous_dir, "*.parquet"))
     else:
         previous = pipeline | "NoPreviousSnapshot" >> beam.Create([])
+    dead = []
     if remap_previous:
-        # A new SID model: yesterday's watches go through the same SID join as today's, searches carry over.
-        watch_rows.append(previous | "PreviousWatches" >> beam.FlatMap(
-            lambda row: [_to_watch_row(w) | {"user_id": row["user_id"]} for w in row["watches"]]))
-        previous = previous | "KeepPreviousSearches" >> beam.Map(lambda row: {**row, "watches": []})
+        # A new SID model: yesterday's watches get their SIDs under the new model before anything is folded in.
+        remapped = (previous, video_sids) | "RemapPreviousSids" >> histories.RemapSnapshotSids(day)
+        previous, counts, dead = remapped["snapshots"], counts + [remapped["counts"]], [remapped["dead"]]
 
     # 2. Transform: attach SIDs (dead-lettering watches of unknown videos), bound each user's day, fold.
     all_watches = watch_rows | "AllWatches" >> beam.Flatten()
@@ -129,7 +123,8 @@ def update_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validat
     dead_dir = schemas.partition_dir(outputs.join(output_root, schemas.DEAD_LETTER), schemas.HISTORIES, date)
     writes = [folded["snapshots"] | "WriteSnapshots" >> outputs.WriteParquetShards(
                   out_dir, schemas.HISTORIES_SCHEMA, num_shards=job.history_shards),
-              attached["dead"] | "WriteDead" >> outputs.WriteParquetShards(dead_dir, schemas.DEAD_LETTER_SCHEMA)]
+              (dead + [attached["dead"]]) | "AllDead" >> beam.Flatten()
+              | "WriteDead" >> outputs.WriteParquetShards(dead_dir, schemas.DEAD_LETTER_SCHEMA)]
     counts += [attached["dead"] | "CountDead" >> outputs.CountRows(schemas.WATCH_EVENTS, day, outputs.DEAD),
                folded["counts"],
                folded["snapshots"] | "CountUsers" >> outputs.CountRows(schemas.HISTORIES, day, outputs.STAT,

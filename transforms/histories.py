@@ -175,6 +175,37 @@ class AttachSids(beam.PTransform):
         return {"watches": attached.watches, "dead": attached[_AttachSids.DEAD]}
 
 
+class RemapSnapshotSids(beam.PTransform):
+    """Snapshots written under an older SID model -> the same snapshots with every watch's SID from ``video_sids``.
+
+    Input: (snapshots, (video_id, sid) pairs). Output: {"snapshots", "dead", "counts"}; watches whose video has no
+    SID under the new model are dead-lettered, and the accounting is reported under the table "histories".
+    """
+
+    def __init__(self, date: str):
+        super().__init__()
+        self._date = date
+
+    def expand(self, inputs):
+        snapshots, video_sids = inputs
+        rows = snapshots | "FlattenWatches" >> beam.FlatMap(
+            lambda snap: [{**w, "user_id": snap["user_id"], "event_ts": schemas.from_epoch_us(w["event_ts_us"])}
+                          for w in snap["watches"]])
+        attached = (rows, video_sids) | "AttachNewSids" >> AttachSids(self._date)
+        regrouped = ({"snapshot": snapshots | "KeyByUser" >> beam.Map(lambda snap: (snap["user_id"], snap)),
+                      "watches": attached["watches"]}
+                     | "Regroup" >> beam.CoGroupByKey()
+                     | "Rebuild" >> beam.MapTuple(lambda _, g: {
+                         **list(g["snapshot"])[0],
+                         "watches": sorted(g["watches"], key=watch_recency_key)}))
+        table, day = schemas.HISTORIES, self._date
+        counts = [rows | "CountIn" >> outputs.CountRows(table, day, outputs.IN),
+                  attached["watches"] | "CountOut" >> outputs.CountRows(table, day, outputs.OUT),
+                  attached["dead"] | "CountDead" >> outputs.CountRows(table, day, outputs.DEAD)]
+        return {"snapshots": regrouped, "dead": attached["dead"],
+                "counts": counts | "AllCounts" >> beam.Flatten()}
+
+
 class FoldHistories(beam.PTransform):
     """Previous snapshots + a day's keyed watch and search records -> new snapshots and per-user drop counts.
 

@@ -176,7 +176,7 @@ def parse_date(value: str) -> dt.date:
 def partition_dir(root: str, table: str, date: dt.date | str) -> str:
     date_str = date if isinstance(date, str) else date.isoformat()
     parse_date(date_str)
-    return f"{root.rstrip('/')}/{table}/date={date_str}"
+    return f"{str(root).rstrip('/')}/{table}/date={date_str}"
 
 
 def day_bounds(date: dt.date) -> tuple[dt.datetime, dt.datetime]:

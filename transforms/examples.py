@@ -1,0 +1,268 @@
+"""Training examples: per-user sequence building in Beam, the TFRecord example format, and run statistics.
+
+One ``tf.train.Example`` per (user, cutoff), every feature fixed-length so accelerators see static shapes:
+
+    user_id        bytes  [1]
+    cutoff_ts_us   int64  [1]                      the cutoff t (UTC epoch microseconds)
+    tokens         int64  [max_tokens]             history, oldest first, left-aligned, <pad>-padded
+    length         int64  [1]                      non-pad tokens in ``tokens``
+    num_watches    int64  [1]                      watches in the history
+    num_searches   int64  [1]                      searches in the history
+    targets        int64  [max_targets * (1 + L)]  row-major [max_targets, 1 + L]: condition token + L SID tokens
+    num_targets    int64  [1]                      real rows in ``targets``; the rest are <pad>
+    soft_features  float  [max_tokens * F]         soft mode only: row-major [max_tokens, F], zero except at <soft>
+
+``feature_spec(...)`` describes exactly this (written as feature_spec.json next to the shards) and
+``tokenminds_model.data`` reads it back.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Iterable, List, Optional
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from tokenminds_model.vocabulary import VocabularyLayout
+from transforms import features, outputs, sequences
+from transforms import targets as target_lib
+
+EXAMPLE_BUILD_ERROR = "example_build_error"
+NO_EXAMPLE = "no_cutoff_with_history_and_targets"
+USERS = "users"
+
+
+def feature_spec(config: sequences.SequenceConfig, layout: VocabularyLayout) -> Dict[str, Dict[str, Any]]:
+    """Name -> {"dtype", "shape"} of every feature of the example, as written to feature_spec.json."""
+    target_len = 1 + config.sid_length(layout)
+    spec = {
+        "user_id": {"dtype": "string", "shape": [1]},
+        "cutoff_ts_us": {"dtype": "int64", "shape": [1]},
+        "tokens": {"dtype": "int64", "shape": [config.max_tokens]},
+        "length": {"dtype": "int64", "shape": [1]},
+        "num_watches": {"dtype": "int64", "shape": [1]},
+        "num_searches": {"dtype": "int64", "shape": [1]},
+        "targets": {"dtype": "int64", "shape": [config.max_targets, target_len]},
+        "num_targets": {"dtype": "int64", "shape": [1]},
+    }
+    if config.feature_mode == "soft":
+        spec["soft_features"] = {"dtype": "float32", "shape": [config.max_tokens, features.SOFT_FEATURE_DIM]}
+    return spec
+
+
+def serialize_example(example: Dict[str, Any], spec: Dict[str, Dict[str, Any]]) -> bytes:
+    """One example dict (``sequences.make_user_examples``) -> serialized tf.train.Example, checked against spec."""
+    import tensorflow as tf
+
+    feature = {}
+    for name, entry in spec.items():
+        value = example[name]
+        if entry["dtype"] == "string":
+            feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(value).encode("utf-8")]))
+            continue
+        array = np.asarray(value)
+        if array.size != int(np.prod(entry["shape"])):
+            raise ValueError(f"feature {name} has {array.size} values, spec says shape {entry['shape']}")
+        flat = array.reshape(-1)
+        if entry["dtype"] == "int64":
+            feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=flat.astype(np.int64)))
+        else:
+            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=flat.astype(np.float32)))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def merge_user_events(snapshots: Iterable[Dict[str, Any]]):
+    """One user's watches and searches from several snapshots (D-1, D, D+1), each event once."""
+    watches, searches = {}, {}
+    for snapshot in snapshots:
+        for watch in snapshot["watches"]:
+            watches[(watch["event_ts_us"], watch["scenario"], watch["video_id"])] = watch
+        for search in snapshot["searches"]:
+            searches[(search["event_ts_us"], search["query"])] = search
+    return [watches[k] for k in sorted(watches)], [searches[k] for k in sorted(searches)]
+
+
+def has_events_in(snapshot: Dict[str, Any], start_us: int, end_us: int) -> bool:
+    return any(start_us <= e["event_ts_us"] < end_us for e in list(snapshot["watches"]) + list(snapshot["searches"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run statistics.
+# ---------------------------------------------------------------------------------------------------------------
+LENGTH_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 768, 1024, 1 << 30)
+REWARD_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, float("inf"))
+
+
+def example_stats_record(example: Dict[str, Any], target_rewards: List[float]) -> Dict[str, Any]:
+    return {"length": int(example["length"]), "num_targets": int(example["num_targets"]),
+            "num_watches": int(example["num_watches"]), "num_searches": int(example["num_searches"]),
+            "target_scenarios": list(example["target_scenarios"]), "target_rewards": list(target_rewards)}
+
+
+class ExampleStats(beam.CombineFn):
+    """Examples, targets per example, sequence-length histogram, scenario mix of targets, reward histogram."""
+
+    def create_accumulator(self):
+        return {"examples": 0, "targets": 0, "targets_per_example": {}, "length_histogram": [0] * (
+            len(LENGTH_BUCKETS) - 1), "target_scenarios": {}, "reward_histogram": [0] * (len(REWARD_BUCKETS) - 1),
+                "reward_sum": 0.0, "history_watches": 0, "history_searches": 0}
+
+    def add_input(self, acc, record):
+        acc["examples"] += 1
+        acc["targets"] += record["num_targets"]
+        key = str(record["num_targets"])
+        acc["targets_per_example"][key] = acc["targets_per_example"].get(key, 0) + 1
+        acc["length_histogram"][int(np.searchsorted(LENGTH_BUCKETS, record["length"], side="right")) - 1] += 1
+        for scenario in record["target_scenarios"]:
+            acc["target_scenarios"][scenario] = acc["target_scenarios"].get(scenario, 0) + 1
+        for r in record["target_rewards"]:
+            acc["reward_histogram"][int(np.searchsorted(REWARD_BUCKETS, r, side="right")) - 1] += 1
+            acc["reward_sum"] += r
+        acc["history_watches"] += record["num_watches"]
+        acc["history_searches"] += record["num_searches"]
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for acc in accumulators:
+            for key, value in acc.items():
+                if isinstance(value, dict):
+                    for k, n in value.items():
+                        merged[key][k] = merged[key].get(k, 0) + n
+                elif isinstance(value, list):
+                    merged[key] = [a + b for a, b in zip(merged[key], value)]
+                else:
+                    merged[key] += value
+        return merged
+
+    def extract_output(self, acc):
+        n = max(acc["examples"], 1)
+        return {
+            "examples": acc["examples"],
+            "targets": acc["targets"],
+            "mean_targets_per_example": acc["targets"] / n,
+            "targets_per_example": dict(sorted(acc["targets_per_example"].items(), key=lambda kv: int(kv[0]))),
+            "sequence_length_histogram": {f"[{lo},{hi})": c for lo, hi, c in zip(
+                LENGTH_BUCKETS[:-1], LENGTH_BUCKETS[1:], acc["length_histogram"])},
+            "target_scenario_mix": dict(sorted(acc["target_scenarios"].items())),
+            "target_reward_histogram": {f"[{lo},{hi})": c for lo, hi, c in zip(
+                REWARD_BUCKETS[:-1], REWARD_BUCKETS[1:], acc["reward_histogram"])},
+            "mean_target_reward": acc["reward_sum"] / max(acc["targets"], 1),
+            "mean_history_watches": acc["history_watches"] / n,
+            "mean_history_searches": acc["history_searches"] / n,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Beam.
+# ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ExampleBuildContext:
+    """Everything a worker needs to build examples; small and picklable (artifacts are loaded in setup)."""
+    layout: VocabularyLayout
+    config: sequences.SequenceConfig
+    seed: int
+    query_tokenizer_dir: str
+    feature_transform_dir: str
+    day_start_us: int
+    day_end_us: int
+    date: str
+
+
+def search_with_pieces(search: Dict[str, Any], tokenizer, max_pieces: int) -> Dict[str, Any]:
+    return {"event_ts_us": search["event_ts_us"], "query": search["query"],
+            "pieces": tokenizer.encode(search["query"], max_pieces)}
+
+
+class BuildUserExamples(beam.DoFn):
+    """(user_id, [snapshots]) -> serialized examples; tagged outputs for stats records, counts and dead letters."""
+    STATS, COUNTS, DEAD = "stats", "counts", "dead"
+
+    def __init__(self, context: ExampleBuildContext):
+        super().__init__()
+        self._context = context
+        self._spec = feature_spec(context.config, context.layout)
+        self._examples = Metrics.counter("build_examples", "examples")
+        self._errors = Metrics.counter("build_examples", EXAMPLE_BUILD_ERROR)
+
+    def setup(self):
+        from tokenminds_model.query_tokenizer import QueryTokenizer
+
+        self._tokenizer = QueryTokenizer.load(self._context.query_tokenizer_dir)
+        self._featurizer = features.WatchFeaturizer(self._context.feature_transform_dir)
+
+    def process(self, keyed_snapshots):
+        user_id, snapshots = keyed_snapshots
+        ctx = self._context
+        key = (USERS, ctx.date)
+        try:
+            examples, rewards = self._build(user_id, snapshots)
+        except (ValueError, KeyError, TypeError) as err:  # bad data of one user must not fail the day
+            self._errors.inc()
+            from transforms.validation import row_to_json
+
+            yield beam.pvalue.TaggedOutput(self.COUNTS, (key + (outputs.DEAD, EXAMPLE_BUILD_ERROR), 1))
+            yield beam.pvalue.TaggedOutput(self.DEAD, {
+                "table": "histories", "reason": EXAMPLE_BUILD_ERROR, "detail": f"{type(err).__name__}: {err}",
+                "raw_row": row_to_json({"user_id": user_id}), "partition_date": ctx.date})
+            return
+        if not examples:
+            yield beam.pvalue.TaggedOutput(self.COUNTS, (key + (outputs.DROPPED, NO_EXAMPLE), 1))
+            return
+        yield beam.pvalue.TaggedOutput(self.COUNTS, (key + (outputs.OUT, ""), 1))
+        yield beam.pvalue.TaggedOutput(self.COUNTS, (("examples", ctx.date, outputs.STAT, "written"),
+                                                     len(examples)))
+        for example, target_rewards in zip(examples, rewards):
+            self._examples.inc()
+            yield serialize_example(example, self._spec)
+            yield beam.pvalue.TaggedOutput(self.STATS, example_stats_record(example, target_rewards))
+
+    def _build(self, user_id, snapshots):
+        ctx = self._context
+        watches, searches = merge_user_events(snapshots)
+        searches = [search_with_pieces(s, self._tokenizer, ctx.config.max_pieces_per_query) for s in searches]
+        timeline = sequences.build_timeline(watches, searches, ctx.config)
+        raw = sequences.raw_watch_features(timeline.watches, timeline.watch_gaps_s())
+        buckets, soft = self._featurizer.featurize_columns(raw)
+        featurize = features.lookup_featurize(timeline.watches, buckets, soft, ctx.config.feature_mode == "soft")
+        examples = sequences.make_user_examples(user_id, watches, searches, ctx.day_start_us, ctx.day_end_us,
+                                                ctx.layout, ctx.config, ctx.seed, featurize)
+        rewards = []
+        for example in examples:
+            window = target_lib.look_ahead_window(timeline.watches, example["cutoff_ts_us"], ctx.config.window_s)
+            best = {}
+            for watch in window:
+                best[watch.video_id] = max(best.get(watch.video_id, 0.0),
+                                           target_lib.reward(watch, ctx.config.reward))
+            rewards.append([best[v] for v in example["target_video_ids"]])
+        return examples, rewards
+
+
+class BuildExamples(beam.PTransform):
+    """Snapshots of D-1, D and D+1 -> {"examples": serialized, "stats": dict, "counts": pairs, "dead": rows}.
+
+    Only users with an event on day D are built (their cutoffs lie in D); the neighbouring snapshots supply the
+    history before D and the look-ahead window into D+1.
+    """
+
+    def __init__(self, context: ExampleBuildContext):
+        super().__init__()
+        self._context = context
+
+    def expand(self, snapshots_by_day):
+        before, day, after = snapshots_by_day
+        ctx = self._context
+        active = day | "ActiveUsers" >> beam.Filter(has_events_in, ctx.day_start_us, ctx.day_end_us)
+        keyed = {name: pcoll | f"Key{name}" >> beam.Map(lambda s: (s["user_id"], s))
+                 for name, pcoll in (("before", before), ("day", active), ("after", after))}
+        joined = (keyed | "JoinSnapshots" >> beam.CoGroupByKey()
+                  | "ActiveOnly" >> beam.Filter(lambda kv: len(list(kv[1]["day"])) > 0)
+                  | "AllSnapshots" >> beam.MapTuple(
+                      lambda user, g: (user, list(g["before"]) + list(g["day"]) + list(g["after"]))))
+        built = joined | "BuildUserExamples" >> beam.ParDo(BuildUserExamples(ctx)).with_outputs(
+            BuildUserExamples.STATS, BuildUserExamples.COUNTS, BuildUserExamples.DEAD, main="examples")
+        users_in = active | "CountUsersIn" >> outputs.CountRows(USERS, ctx.date, outputs.IN)
+        counts = (users_in, built[BuildUserExamples.COUNTS]) | "AllCounts" >> beam.Flatten()
+        stats = built[BuildUserExamples.STATS] | "ExampleStats" >> beam.CombineGlobally(ExampleStats())
+        return {"examples": built.examples, "stats": stats, "counts": counts, "dead": built[BuildUserExamples.DEAD]}

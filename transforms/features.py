@@ -1,0 +1,190 @@
+"""Per-watch feature tokens with tensorflow-transform: fitted once on a reference day, reused unchanged after.
+
+Bucket boundaries (quantiles) and categorical vocabularies are computed by ``tft_beam`` analyzers over a reference
+day's watches and saved as a ``transform_fn``. Every later day's training examples and every nightly batch
+inference apply that same ``transform_fn``, so a feature token id means the same thing in training and serving, and
+from one day to the next.
+
+Raw inputs are ``transforms.sequences.RAW_WATCH_FEATURE_COLUMNS``; outputs are, per layout feature, a bucket id
+below the number of ids the vocabulary reserves for it (hard tokens), plus z-scored values for the soft-token
+feature vector.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+
+from tokenminds_model.vocabulary import DEFAULT_FEATURE_SIZES
+from transforms import outputs
+from transforms.sequences import (FIRST_EVENT_GAP_S, RAW_CATEGORICAL_COLUMNS, RAW_FLAG_COLUMNS,
+                                  RAW_NUMERIC_COLUMNS, RAW_WATCH_FEATURE_COLUMNS, build_timeline,
+                                  raw_watch_features)
+
+FEATURE_SIZES: Dict[str, int] = dict(DEFAULT_FEATURE_SIZES)
+# Soft-token vector: z-scored numerics, the two flags, one-hot surface and device.
+SOFT_NUMERIC = ("watch_ratio_z", "watch_time_z", "time_gap_z")
+SOFT_FEATURE_DIM = len(SOFT_NUMERIC) + 2 + FEATURE_SIZES["surface"] + FEATURE_SIZES["device"]
+METADATA_FILE = "transform_fn_metadata.json"
+
+
+def raw_feature_spec():
+    import tensorflow as tf
+
+    spec = {name: tf.io.FixedLenFeature([], tf.float32) for name in RAW_NUMERIC_COLUMNS}
+    spec.update({name: tf.io.FixedLenFeature([], tf.int64) for name in RAW_FLAG_COLUMNS})
+    spec.update({name: tf.io.FixedLenFeature([], tf.string) for name in RAW_CATEGORICAL_COLUMNS})
+    return spec
+
+
+def preprocessing_fn(inputs):
+    """The feature transform. Analyzers (bucketize, vocabulary, z-score) are fitted on the reference day only."""
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    watch_time = tf.math.log1p(inputs["watch_time_s"])
+    gap = inputs["time_gap_s"]
+    is_first = gap <= FIRST_EVENT_GAP_S
+    log_gap = tf.math.log1p(tf.maximum(gap, 0.0))
+    # The first event of a timeline has no gap: it gets bucket 0 of its own, and real gaps are fitted without it.
+    gap_bucket = tft.bucketize(log_gap, num_buckets=FEATURE_SIZES["time_gap"] - 1,
+                               weights=tf.cast(tf.logical_not(is_first), tf.float32)) + 1
+    return {
+        "watch_ratio": tft.bucketize(inputs["watch_ratio"], num_buckets=FEATURE_SIZES["watch_ratio"]),
+        "watch_time": tft.bucketize(watch_time, num_buckets=FEATURE_SIZES["watch_time"]),
+        "time_gap": tf.where(is_first, tf.zeros_like(gap_bucket), gap_bucket),
+        # Most frequent values get their own id; everything else (new surfaces appearing later) shares one OOV id.
+        "surface": tft.compute_and_apply_vocabulary(inputs["surface"], top_k=FEATURE_SIZES["surface"] - 1,
+                                                    num_oov_buckets=1, vocab_filename="surface"),
+        "device": tft.compute_and_apply_vocabulary(inputs["device"], top_k=FEATURE_SIZES["device"] - 1,
+                                                   num_oov_buckets=1, vocab_filename="device"),
+        "liked": inputs["liked"],
+        "disliked": inputs["disliked"],
+        "watch_ratio_z": tft.scale_to_z_score(inputs["watch_ratio"]),
+        "watch_time_z": tft.scale_to_z_score(watch_time),
+        "time_gap_z": tft.scale_to_z_score(log_gap),
+    }
+
+
+def raw_feature_rows(raw_columns: Mapping[str, np.ndarray]) -> List[Dict]:
+    """Column arrays (``raw_watch_features``) -> one instance dict per watch, as tft_beam consumes them."""
+    n = len(raw_columns["watch_ratio"])
+    return [{name: (raw_columns[name][i].item() if hasattr(raw_columns[name][i], "item")
+                    else raw_columns[name][i]) for name in RAW_WATCH_FEATURE_COLUMNS} for i in range(n)]
+
+
+def snapshot_raw_feature_rows(snapshot: Dict, day_start_us: int, day_end_us: int) -> List[Dict]:
+    """The reference day's watches of one user snapshot, as raw feature rows (gaps over the whole timeline)."""
+    # Gaps need the searches' times, not their pieces.
+    searches = [{**search, "pieces": []} for search in snapshot["searches"]]
+    timeline = build_timeline(snapshot["watches"], searches)
+    columns = raw_watch_features(timeline.watches, timeline.watch_gaps_s())
+    in_day = [day_start_us <= w.event_ts_us < day_end_us for w in timeline.watches]
+    return [row for row, keep in zip(raw_feature_rows(columns), in_day) if keep]
+
+
+class FitFeatureTransform(beam.PTransform):
+    """Raw feature rows -> a transform_fn written to ``output_dir`` (a PCollection of its path, when done)."""
+
+    def __init__(self, output_dir: str, temp_dir: Optional[str] = None):
+        super().__init__()
+        self._output_dir, self._temp_dir = output_dir, temp_dir
+
+    def expand(self, rows):
+        import tensorflow_transform.beam as tft_beam
+        from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+
+        metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw_feature_spec()))
+        with tft_beam.Context(temp_dir=self._temp_dir or tempfile.mkdtemp(prefix="tft_")):
+            transform_fn = (rows, metadata) | "Analyze" >> tft_beam.AnalyzeDataset(preprocessing_fn)
+            return transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(self._output_dir)
+
+
+def transform_fn_version(transform_dir: str) -> str:
+    """Content hash of a written transform_fn (its SavedModel, variables and vocabulary assets)."""
+    digest = hashlib.sha256()
+    root = outputs.join(transform_dir, "transform_fn")
+    from apache_beam.io.filesystems import FileSystems
+
+    paths = sorted(m.path for m in FileSystems.match([outputs.join(root, "**")])[0].metadata_list)
+    for path in paths:
+        if os.path.basename(path) == "fingerprint.pb":
+            continue  # a random id per save, not content
+        digest.update(os.path.relpath(path, root).encode())
+        with FileSystems.open(path) as handle:
+            digest.update(handle.read())
+    return f"tft-{digest.hexdigest()[:16]}"
+
+
+class WatchFeaturizer:
+    """Applies a fitted transform_fn to a user's watches. Loaded once per worker; not thread-safe to build.
+
+    ``featurize_timeline(watches, gaps)`` returns, per watch, hard bucket ids by layout feature name and the soft
+    feature vector, in one TensorFlow call for the whole timeline.
+    """
+
+    def __init__(self, transform_dir: str):
+        import tensorflow_transform as tft
+
+        self._output = tft.TFTransformOutput(transform_dir)
+
+    def featurize_columns(self, raw_columns: Mapping[str, np.ndarray]):
+        import tensorflow as tf
+
+        n = len(raw_columns["watch_ratio"])
+        if n == 0:
+            return {name: np.zeros((0,), np.int64) for name in FEATURE_SIZES}, np.zeros((0, SOFT_FEATURE_DIM),
+                                                                                        np.float32)
+        tensors = {name: tf.constant(np.asarray(raw_columns[name], dtype=dtype))
+                   for name, dtype in [(c, np.float32) for c in RAW_NUMERIC_COLUMNS]
+                   + [(c, np.int64) for c in RAW_FLAG_COLUMNS]
+                   + [(c, object) for c in RAW_CATEGORICAL_COLUMNS]}
+        out = {k: v.numpy() for k, v in self._output.transform_raw_features(tensors, drop_unused_features=True)
+               .items()}
+        buckets = {name: np.clip(out[name].astype(np.int64), 0, FEATURE_SIZES[name] - 1) for name in FEATURE_SIZES}
+        soft = np.concatenate([
+            np.stack([out[name].astype(np.float32) for name in SOFT_NUMERIC], axis=1),
+            np.stack([buckets["liked"], buckets["disliked"]], axis=1).astype(np.float32),
+            np.eye(FEATURE_SIZES["surface"], dtype=np.float32)[buckets["surface"]],
+            np.eye(FEATURE_SIZES["device"], dtype=np.float32)[buckets["device"]],
+        ], axis=1)
+        return buckets, soft
+
+
+def lookup_featurize(watches: Sequence, buckets: Mapping[str, np.ndarray], soft: np.ndarray, soft_mode: bool):
+    """A ``featurize(selected_watches, gaps)`` callback that reads features precomputed for a whole timeline.
+
+    Features depend only on the watch and its gap in the full timeline, never on the cutoff, so they are computed
+    once per user and looked up per cutoff by event identity.
+    """
+    index = {(w.event_ts_us, w.scenario, w.video_id): i for i, w in enumerate(watches)}
+
+    def featurize(selected, _gaps):
+        rows = np.asarray([index[(w.event_ts_us, w.scenario, w.video_id)] for w in selected], dtype=np.int64)
+        if soft_mode:
+            return soft[rows] if len(rows) else np.zeros((0, soft.shape[1]), np.float32)
+        return {name: values[rows] for name, values in buckets.items()}
+
+    return featurize
+
+
+def write_transform_metadata(transform_dir: str, reference_date: str, num_watches: int) -> Dict:
+    metadata = {"transform_fn_version": transform_fn_version(transform_dir), "reference_date": reference_date,
+                "num_reference_watches": num_watches, "feature_sizes": FEATURE_SIZES,
+                "soft_feature_dim": SOFT_FEATURE_DIM, "raw_columns": list(RAW_WATCH_FEATURE_COLUMNS)}
+    outputs.write_text_file(outputs.join(transform_dir, METADATA_FILE), json.dumps(metadata, indent=2) + "\n")
+    return metadata
+
+
+def read_transform_metadata(transform_dir: str) -> Dict:
+    path = outputs.join(transform_dir, METADATA_FILE)
+    try:
+        return outputs.read_json_file(path)
+    except Exception as err:
+        raise FileNotFoundError(f"no fitted feature transform at {transform_dir} ({path}: {err}); "
+                                "run pipelines.fit_feature_transform first") from err

@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import TokenMindsOptions, is_dry_run, processing_dates, validated_root
+from pipelines.options import TokenMindsOptions, artifact_paths, is_dry_run, processing_dates, validated_root
 from tokenminds_model.checkpoints import read_sid_model_config
 from tokenminds_model.vocabulary import DEFAULT_DISAMBIGUATION_SIZE
 from transforms import outputs, schemas
@@ -43,8 +43,6 @@ ALREADY_ASSIGNED = "already_assigned"
 class AssignSidsOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser):
-        parser.add_argument("--sid_model", required=False, default=None,
-                            help="SID model checkpoint directory (pipelines.train_sid_model --output).")
         parser.add_argument("--inference_batch_size", type=int, default=1024)
         parser.add_argument("--max_disambiguation_codes", type=int, default=DEFAULT_DISAMBIGUATION_SIZE)
         parser.add_argument("--sid_shards", type=int, default=2)
@@ -133,12 +131,11 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     options = PipelineOptions(argv)
     common = options.view_as(TokenMindsOptions)
     job = options.view_as(AssignSidsOptions)
-    if not job.sid_model:
-        raise ValueError("--sid_model is required (a checkpoint written by pipelines.train_sid_model)")
+    sid_model, _, _ = artifact_paths(options)
     # Fail fast, before reading any data: the checkpoint must be complete and fit the catalog's embeddings.
-    model_config = read_sid_model_config(job.sid_model)
+    model_config = read_sid_model_config(sid_model)
     if model_config["config"]["input_dim"] != common.embedding_dim:
-        raise ValueError(f"SID model {job.sid_model} expects {model_config['config']['input_dim']}-d embeddings, "
+        raise ValueError(f"SID model {sid_model} expects {model_config['config']['input_dim']}-d embeddings, "
                          f"--embedding_dim is {common.embedding_dim}")
     version = model_config["version"]
     validated_tables = validated_root(options)
@@ -150,7 +147,7 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
             outputs.clear_output_dir(schemas.partition_dir(outputs.join(common.output_root, schemas.DEAD_LETTER),
                                                            schemas.VIDEO_SIDS, date))
         pipeline = beam.Pipeline(options=options)
-        assign_day(pipeline, date, common.output_root, validated_tables, job.sid_model, version, job)
+        assign_day(pipeline, date, common.output_root, validated_tables, sid_model, version, job)
         result = pipeline.run()
         if is_dry_run(options):
             continue

@@ -31,7 +31,7 @@ from apache_beam.io.tfrecordio import WriteToTFRecord
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import TokenMindsOptions, is_dry_run, processing_dates
+from pipelines.options import TokenMindsOptions, artifact_paths, is_dry_run, processing_dates
 from pipelines.update_histories import require_success, snapshot_dir
 from tokenminds_model.checkpoints import read_sid_model_config
 from tokenminds_model.query_tokenizer import QueryTokenizer
@@ -46,11 +46,6 @@ VOCABULARY_FILE = "vocabulary.json"
 class BuildExamplesOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser):
-        parser.add_argument("--sid_model", default=None, help="SID model checkpoint (default: <output_root>/sid_model).")
-        parser.add_argument("--query_tokenizer", default=None,
-                            help="Query tokenizer directory (default: <output_root>/query_tokenizer).")
-        parser.add_argument("--feature_transform", default=None,
-                            help="Fitted feature transform (default: <output_root>/feature_transform).")
         parser.add_argument("--examples_output", default=None,
                             help="Root of the examples output (default: <output_root>/examples).")
         parser.add_argument("--example_shards", type=int, default=4, help="Fixed number of TFRecord shards.")
@@ -88,12 +83,6 @@ def sequence_config(job: BuildExamplesOptions) -> sequences.SequenceConfig:
         reward=reward)
 
 
-def artifact_paths(output_root: str, job: BuildExamplesOptions):
-    return (job.sid_model or outputs.join(output_root, "sid_model"),
-            job.query_tokenizer or outputs.join(output_root, "query_tokenizer"),
-            job.feature_transform or outputs.join(output_root, "feature_transform"))
-
-
 def vocabulary_layout(sid_model: str, query_tokenizer: str, feature_transform: str) -> VocabularyLayout:
     """The token space of these artifacts: SID levels and codebook, query pieces, feature buckets, versions."""
     sid_config = read_sid_model_config(sid_model)
@@ -110,10 +99,10 @@ def examples_dir(output_root: str, job: BuildExamplesOptions, date: dt.date) -> 
     return outputs.join(job.examples_output or outputs.join(output_root, "examples"), f"date={date.isoformat()}")
 
 
-def build_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: BuildExamplesOptions,
+def build_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: BuildExamplesOptions, artifacts,
               layout: VocabularyLayout, config: sequences.SequenceConfig, seed: int) -> str:
     day = date.isoformat()
-    sid_model, tokenizer_dir, transform_dir = artifact_paths(output_root, job)
+    _, tokenizer_dir, transform_dir = artifacts
     snapshot_days = [date - dt.timedelta(days=1), date, date + dt.timedelta(days=1)]
     for snapshot_day in snapshot_days[1:]:
         require_success(snapshot_dir(output_root, snapshot_day), f"history snapshot of {snapshot_day}")
@@ -164,7 +153,8 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     job = options.view_as(BuildExamplesOptions)
     config = sequence_config(job)
     # Fail fast, before reading any data: every artifact must load and agree on one token space.
-    layout = vocabulary_layout(*artifact_paths(common.output_root, job))
+    artifacts = artifact_paths(options)
+    layout = vocabulary_layout(*artifacts)
     spec = examples.feature_spec(config, layout)
     results = []
     for date in processing_dates(options):
@@ -176,7 +166,7 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
             outputs.write_text_file(outputs.join(out_dir, FEATURE_SPEC_FILE), json.dumps(spec, indent=2) + "\n")
             layout.save_manifest(outputs.join(out_dir, VOCABULARY_FILE))
         pipeline = beam.Pipeline(options=options)
-        build_day(pipeline, date, common.output_root, job, layout, config, common.seed)
+        build_day(pipeline, date, common.output_root, job, artifacts, layout, config, common.seed)
         result = pipeline.run()
         if is_dry_run(options):
             continue

@@ -3,15 +3,14 @@
     python -m pipelines.fit_feature_transform --date=2026-01-01 --output_root=workdir/out --runner=FnApiRunner
 
 Reads   <output_root>/histories/date=D/                   the reference day's user snapshots
-Writes  <transform_output>/transform_fn/, transformed_metadata/   the fitted tft transform (TF SavedModel)
-        <transform_output>/transform_fn_metadata.json     its version (content hash), reference day, sizes
+Writes  <feature_transform>/transform_fn/, transformed_metadata/   the fitted tft transform (TF SavedModel)
+        <feature_transform>/transform_fn_metadata.json     its version (content hash), reference day, sizes
 
 Run once (and again only to deliberately re-fit): build_examples and refresh_users apply the saved transform
 unchanged, so feature token ids stay stable across days and identical between training and serving.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from typing import List, Optional
@@ -22,16 +21,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import TokenMindsOptions, is_dry_run, processing_dates
+from pipelines.options import TokenMindsOptions, artifact_paths, is_dry_run, processing_dates
 from pipelines.update_histories import require_success, snapshot_dir
 from transforms import features, outputs, schemas
-
-
-class FitFeatureTransformOptions(PipelineOptions):
-    @classmethod
-    def _add_argparse_args(cls, parser: argparse.ArgumentParser):
-        parser.add_argument("--transform_output", default=None,
-                            help="Where to write the transform (default: <output_root>/feature_transform).")
 
 
 class _ReferenceDayRows(beam.DoFn):
@@ -49,11 +41,10 @@ class _ReferenceDayRows(beam.DoFn):
 def run(argv: Optional[List[str]] = None) -> Optional[dict]:
     options = PipelineOptions(argv)
     common = options.view_as(TokenMindsOptions)
-    job = options.view_as(FitFeatureTransformOptions)
     [date] = processing_dates(options) if common.date else [None]
     if date is None:
         raise ValueError("--date (the reference day) is required")
-    output = job.transform_output or outputs.join(common.output_root, "feature_transform")
+    _, _, output = artifact_paths(options)
     snapshots = snapshot_dir(common.output_root, date)
     require_success(snapshots, "the reference day's history snapshot")
     if not is_dry_run(options):

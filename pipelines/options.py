@@ -37,6 +37,13 @@ class TokenMindsOptions(PipelineOptions):
         parser.add_argument("--validated_root", default=None,
                             help="Validated input tables, written by validate_inputs "
                                  "(default: <output_root>/validated).")
+        # Model artifacts several jobs share; each defaults to a fixed place under --output_root.
+        parser.add_argument("--sid_model", default=None,
+                            help="SID model checkpoint (default: <output_root>/sid_model).")
+        parser.add_argument("--query_tokenizer", default=None,
+                            help="Query tokenizer directory (default: <output_root>/query_tokenizer).")
+        parser.add_argument("--feature_transform", default=None,
+                            help="Fitted feature transform (default: <output_root>/feature_transform).")
         parser.add_argument("--embedding_dim", type=int, default=DEFAULT_EMBEDDING_DIM,
                             help="Width of videos.content_embedding in the input contract.")
         parser.add_argument("--seed", type=int, default=0, help="Seed for every sampling decision.")
@@ -76,3 +83,11 @@ def is_dry_run(options: PipelineOptions) -> bool:
 def validated_root(options: PipelineOptions) -> str:
     opts = options.view_as(TokenMindsOptions)
     return opts.validated_root or f"{opts.output_root.rstrip('/')}/validated"
+
+
+def artifact_paths(options: PipelineOptions):
+    """(sid_model, query_tokenizer, feature_transform) directories, defaults under --output_root."""
+    opts = options.view_as(TokenMindsOptions)
+    root = opts.output_root.rstrip("/")
+    return (opts.sid_model or f"{root}/sid_model", opts.query_tokenizer or f"{root}/query_tokenizer",
+            opts.feature_transform or f"{root}/feature_transform")

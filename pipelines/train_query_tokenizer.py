@@ -1,11 +1,11 @@
 """Train the SentencePiece query tokenizer on a deterministic sample of validated search queries.
 
     python -m pipelines.train_query_tokenizer --date=2026-01-01 --output_root=workdir/out \
-        --tokenizer_output=workdir/out/query_tokenizer --runner=FnApiRunner
+        --query_tokenizer=workdir/out/query_tokenizer --runner=FnApiRunner
 
 Reads   <validated_root>/search_events/date=D/ for --date, or every day of --start_date..--end_date
-Writes  <tokenizer_output>/query_tokenizer.model   the SentencePiece model (its serialized proto; no pickle)
-        <tokenizer_output>/query_tokenizer.json    vocab size, model type, version (hash of the model), sample size
+Writes  <query_tokenizer>/query_tokenizer.model   the SentencePiece model (its serialized proto; no pickle)
+        <query_tokenizer>/query_tokenizer.json    vocab size, model type, version (hash of the model), sample size
 
 The sample is chosen by a keyed hash (``transforms.query_sampling.SampleQueries``), so it is identical across runs
 and runners; training then runs on one worker, since SentencePiece trains in memory on the whole sample.
@@ -20,7 +20,7 @@ from typing import List, Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import TokenMindsOptions, is_dry_run, processing_dates, validated_root
+from pipelines.options import TokenMindsOptions, artifact_paths, is_dry_run, processing_dates, validated_root
 from tokenminds_model.query_tokenizer import QueryTokenizer, train_query_tokenizer
 from transforms import outputs, schemas
 from transforms.query_sampling import SampleQueries
@@ -30,8 +30,6 @@ from transforms.sources import ReadTable, SourceConfig
 class TrainQueryTokenizerOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser):
-        parser.add_argument("--tokenizer_output", default=None,
-                            help="Directory for the tokenizer (default: <output_root>/query_tokenizer).")
         parser.add_argument("--query_vocab_size", type=int, default=2000,
                             help="Upper bound on SentencePiece pieces (a small corpus yields fewer).")
         parser.add_argument("--query_model_type", choices=("unigram", "bpe"), default="unigram")
@@ -49,7 +47,7 @@ def run(argv: Optional[List[str]] = None) -> Optional[dict]:
     common = options.view_as(TokenMindsOptions)
     job = options.view_as(TrainQueryTokenizerOptions)
     validated_tables = validated_root(options)
-    directory = job.tokenizer_output or outputs.join(common.output_root, "query_tokenizer")
+    _, directory, _ = artifact_paths(options)
     source = SourceConfig(kind="parquet", input_root=validated_tables)
     if not is_dry_run(options):
         outputs.clear_output_dir(directory)

@@ -37,3 +37,36 @@ def sample_copy(validated_sample, tmp_path):
     """A private copy of the validated sample that a test may add outputs to."""
     shutil.copytree(validated_sample["root"], tmp_path / "sample")
     return {**validated_sample, "root": tmp_path / "sample"}
+
+
+SMALL_SID_MODEL = ["--levels=3", "--codebook_size=16", "--steps=300", "--batch_size=256", "--latent_dim=16"]
+
+
+def run_daily_flow(root, dates, *, sid_model_args=SMALL_SID_MODEL, build_dates=None):
+    """The daily flow up to the examples, on a validated sample under ``root``: train the SID model on the first
+    day's catalog, assign SIDs and fold histories day by day, train the query tokenizer, fit the feature transform
+    on the first day, build examples for ``build_dates`` (default: all but the last date)."""
+    from pipelines import (assign_sids, build_examples, fit_feature_transform, train_query_tokenizer,
+                           train_sid_model, update_histories)
+
+    out = f"{root}/out"
+    train_sid_model.train(train_sid_model.parse_args(
+        [f"--videos={out}/validated/videos", f"--date={dates[0]}", f"--output={out}/sid_model", *sid_model_args]))
+    span = [f"--start_date={dates[0]}", f"--end_date={dates[-1]}", f"--output_root={out}", *FNAPI]
+    assign_sids.run(span + [f"--sid_model={out}/sid_model"])
+    update_histories.run(span + ["--backfill_days=1"])
+    train_query_tokenizer.run(span + ["--query_vocab_size=200"])
+    fit_feature_transform.run([f"--date={dates[0]}", f"--output_root={out}", *FNAPI])
+    built = {}
+    for day in build_dates or dates[:-1]:
+        [built[day]] = build_examples.run([f"--date={day}", f"--output_root={out}", *FNAPI])
+    return built
+
+
+@pytest.fixture(scope="session")
+def daily_flow(validated_sample, tmp_path_factory):
+    """The validated sample after the whole daily flow (examples built for every day but the last). Read-only."""
+    root = tmp_path_factory.mktemp("flow")
+    shutil.copytree(validated_sample["root"], root, dirs_exist_ok=True)
+    stats = run_daily_flow(root, validated_sample["dates"])
+    return {**validated_sample, "root": root, "stats": stats}

@@ -121,8 +121,8 @@ def test_query_tokenizer_pipeline_is_deterministic_and_round_trips(validated_sam
     root, days = validated_sample["root"], validated_sample["dates"]
     args = [f"--start_date={days[0]}", f"--end_date={days[-1]}", f"--validated_root={root}/out/validated",
             f"--output_root={tmp_path}", "--query_vocab_size=200", *FNAPI]
-    first = train_query_tokenizer.run(args + [f"--tokenizer_output={tmp_path}/a"])
-    second = train_query_tokenizer.run(args + [f"--tokenizer_output={tmp_path}/b"])
+    first = train_query_tokenizer.run(args + [f"--query_tokenizer={tmp_path}/a"])
+    second = train_query_tokenizer.run(args + [f"--query_tokenizer={tmp_path}/b"])
     assert first["version"] == second["version"] and first["num_training_queries"] > 0
     tokenizer = QueryTokenizer.load(str(tmp_path / "a"))
     searches = read_parquet_dir(schemas.partition_dir(f"{root}/out/validated", schemas.SEARCH_EVENTS, days[0]))

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from pipelines import validate_inputs
-from tests.helpers import DAY, FNAPI, MULTIPROCESS, T0, read_parquet_dir, search, video, watch, write_partition
+from tests.helpers import DAY, FNAPI, MULTIPROCESS, read_parquet_dir, search, video, watch, write_partition
 from transforms import schemas, validation as v
 
 LOOSE_SEARCH_SCHEMA = schemas.SEARCH_EVENTS_SCHEMA.set(2, schemas.SEARCH_EVENTS_SCHEMA.field("query").with_type(

@@ -18,7 +18,7 @@ One ``tf.train.Example`` per (user, cutoff), every feature fixed-length so accel
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List
 
 import apache_beam as beam
 import numpy as np
@@ -69,7 +69,9 @@ def serialize_example(example: Dict[str, Any], spec: Dict[str, Dict[str, Any]]) 
             feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=flat.astype(np.int64)))
         else:
             feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=flat.astype(np.float32)))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic=True: the feature map is otherwise serialized in a per-process hash order, so the same example
+    # would have different bytes on different workers.
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def merge_user_events(snapshots: Iterable[Dict[str, Any]]):

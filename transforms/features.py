@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np

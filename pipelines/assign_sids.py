@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
 import re
-import sys
 from typing import List, Optional
 
 import apache_beam as beam
@@ -29,6 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.cli import run_main
 from pipelines.options import TokenMindsOptions, artifact_paths, is_dry_run, processing_dates, validated_root
 from tokenminds_model.checkpoints import read_sid_model_config
 from tokenminds_model.vocabulary import DEFAULT_DISAMBIGUATION_SIZE
@@ -160,7 +159,6 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
 
 
 def main(argv=None):
-    logging.getLogger().setLevel(logging.INFO)
     for summary in run(argv):
         table = summary["tables"].get(schemas.VIDEO_SIDS, {}).get(summary["date"], {})
         videos = summary["tables"].get(schemas.VIDEOS, {}).get(summary["date"], {})
@@ -169,4 +167,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

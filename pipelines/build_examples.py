@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import logging
-import sys
 from typing import List, Optional
 
 import apache_beam as beam
@@ -31,6 +29,7 @@ from apache_beam.io.tfrecordio import WriteToTFRecord
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.cli import run_main
 from pipelines.options import TokenMindsOptions, artifact_paths, is_dry_run, processing_dates
 from pipelines.update_histories import require_success, snapshot_dir
 from tokenminds_model.checkpoints import read_sid_model_config
@@ -179,7 +178,6 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
 
 
 def main(argv=None):
-    logging.getLogger().setLevel(logging.INFO)
     for stats in run(argv):
         ex = stats["examples"]
         print(f"{stats['date']}: {ex['examples']} examples, {ex['mean_targets_per_example']:.2f} targets/example, "
@@ -187,4 +185,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

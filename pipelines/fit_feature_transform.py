@@ -11,8 +11,6 @@ unchanged, so feature token ids stay stable across days and identical between tr
 """
 from __future__ import annotations
 
-import logging
-import sys
 from typing import List, Optional
 
 import apache_beam as beam
@@ -21,6 +19,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.cli import run_main
 from pipelines.options import TokenMindsOptions, artifact_paths, is_dry_run, processing_dates
 from pipelines.update_histories import require_success, snapshot_dir
 from transforms import features, outputs, schemas
@@ -68,7 +67,6 @@ def run(argv: Optional[List[str]] = None) -> Optional[dict]:
 
 
 def main(argv=None):
-    logging.getLogger().setLevel(logging.INFO)
     metadata = run(argv)
     if metadata:
         print(f"feature transform {metadata['transform_fn_version']} fitted on {metadata['reference_date']} "
@@ -76,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

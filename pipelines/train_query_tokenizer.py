@@ -13,13 +13,12 @@ and runners; training then runs on one worker, since SentencePiece trains in mem
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from typing import List, Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.cli import run_main
 from pipelines.options import TokenMindsOptions, artifact_paths, is_dry_run, processing_dates, validated_root
 from tokenminds_model.query_tokenizer import QueryTokenizer, train_query_tokenizer
 from transforms import outputs, schemas
@@ -68,7 +67,6 @@ def run(argv: Optional[List[str]] = None) -> Optional[dict]:
 
 
 def main(argv=None):
-    logging.getLogger().setLevel(logging.INFO)
     metadata = run(argv)
     if metadata:
         print(f"query tokenizer {metadata['version']}: {metadata['vocab_size']} pieces from "
@@ -76,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import logging
 import re
-import sys
 import time
 from typing import List, Optional
 
@@ -27,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.cli import run_main
 from tokenminds_model.checkpoints import save_sid_model
 from tokenminds_model.rqvae import RQVAEConfig, rq_kmeans, train_rqvae
 from transforms import outputs, schemas
@@ -115,7 +114,6 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None):
-    logging.getLogger().setLevel(logging.INFO)
     metrics = train(parse_args(argv))
     print(json.dumps({k: metrics[k] for k in ("sid_model_version", "items", "train_seconds")}))
     for key in ("utilisation_per_level", "normalized_entropy_per_level", "full_sid_collision_rate",
@@ -125,4 +123,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import sys
 from typing import List, Optional
 
 import apache_beam as beam
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.cli import run_main
 from pipelines.options import TokenMindsOptions, is_dry_run, processing_dates, validated_root
 from transforms import histories, outputs, schemas
 from transforms.sources import ReadTable, SourceConfig
@@ -167,11 +167,10 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
 
 
 def main(argv=None):
-    logging.getLogger().setLevel(logging.INFO)
     for summary in run(argv):
         users = summary["stats"].get(f"{schemas.HISTORIES}.users", 0)
         print(f"{summary['date']}: {users} user snapshots; {summary['totals']}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import sys
 from typing import List, Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.cli import run_main
 from pipelines.options import TokenMindsOptions, is_dry_run, processing_dates, source_config
 from transforms import outputs, schemas
 from transforms.sources import ReadTable
@@ -114,7 +114,6 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
 
 
 def main(argv=None):
-    logging.getLogger().setLevel(logging.INFO)
     summaries = run(argv)
     for summary in summaries:
         totals = summary["totals"]
@@ -123,4 +122,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

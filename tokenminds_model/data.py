@@ -80,6 +80,37 @@ def make_dataset(examples_dirs: Sequence[str], batch_size: int, *, shuffle_buffe
             .prefetch(tf.data.AUTOTUNE))
 
 
+class CorruptShardError(IOError):
+    """A TFRecord shard that cannot be read to the end (truncated or corrupted), named."""
+
+
+def find_corrupt_shards(files: Sequence[str]) -> List[str]:
+    """The shards among ``files`` that fail to read to the end. Only used on the error path: it reads every file."""
+    import tensorflow as tf
+
+    corrupt = []
+    for path in files:
+        try:
+            for _ in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+                pass
+        except (tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.InvalidArgumentError):
+            corrupt.append(path)
+    return corrupt
+
+
 def numpy_batches(examples_dirs: Sequence[str], batch_size: int, **kwargs) -> Iterator[Dict[str, np.ndarray]]:
-    """Fixed-shape NumPy batches (``user_id`` as bytes) for a JAX training loop."""
-    yield from make_dataset(examples_dirs, batch_size, **kwargs).as_numpy_iterator()
+    """Fixed-shape NumPy batches (``user_id`` as bytes) for a JAX training loop.
+
+    A truncated or corrupt shard raises ``CorruptShardError`` naming the file(s): tf.data's own error does not say
+    which of the interleaved shards failed.
+    """
+    import tensorflow as tf
+
+    dirs = [examples_dirs] if isinstance(examples_dirs, str) else list(examples_dirs)
+    try:
+        yield from make_dataset(dirs, batch_size, **kwargs).as_numpy_iterator()
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
+        corrupt = find_corrupt_shards(shard_files(dirs))
+        if not corrupt:
+            raise
+        raise CorruptShardError(f"corrupt or truncated TFRecord shard(s): {corrupt} ({type(err).__name__})") from err

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
@@ -47,7 +48,7 @@ def run(argv: Optional[List[str]] = None) -> Optional[dict]:
     snapshots = snapshot_dir(common.output_root, date)
     require_success(snapshots, "the reference day's history snapshot")
     if not is_dry_run(options):
-        outputs.clear_output_dir(output)
+        outputs.replace_artifact_dir(output, features.METADATA_FILE)
 
     start, end = schemas.day_bounds(date)
     pipeline = beam.Pipeline(options=options)
@@ -62,7 +63,7 @@ def run(argv: Optional[List[str]] = None) -> Optional[dict]:
     result.wait_until_finish()
     counters = result.metrics().query(MetricsFilter().with_name("reference_watches"))["counters"]
     num_watches = sum(c.committed or c.attempted or 0 for c in counters)
-    outputs.clear_output_dir(outputs.join(output, "tmp"))
+    FileSystems.delete([outputs.join(output, "tmp")])  # tft's scratch space, created by this run
     return features.write_transform_metadata(output, date.isoformat(), int(num_watches))
 
 

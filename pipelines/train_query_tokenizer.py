@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.cli import run_main
 from pipelines.options import TokenMindsOptions, artifact_paths, is_dry_run, processing_dates, validated_root
-from tokenminds_model.query_tokenizer import QueryTokenizer, train_query_tokenizer
+from tokenminds_model.query_tokenizer import METADATA_FILENAME, QueryTokenizer, train_query_tokenizer
 from transforms import outputs, schemas
 from transforms.query_sampling import SampleQueries
 from transforms.sources import ReadTable, SourceConfig
@@ -49,7 +49,7 @@ def run(argv: Optional[List[str]] = None) -> Optional[dict]:
     _, directory, _ = artifact_paths(options)
     source = SourceConfig(kind="parquet", input_root=validated_tables)
     if not is_dry_run(options):
-        outputs.clear_output_dir(directory)
+        outputs.replace_artifact_dir(directory, METADATA_FILENAME)
 
     pipeline = beam.Pipeline(options=options)
     searches = [pipeline | f"ReadSearches {d}" >> ReadTable(schemas.SEARCH_EVENTS, d, source)

@@ -13,6 +13,7 @@ history cap). The summary states whether in = out + dead + dropped held.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from typing import Dict, Iterable, Sequence, Tuple
 
@@ -29,13 +30,40 @@ def join(*parts: str) -> str:
     return FileSystems.join(*parts) if parts else ""
 
 
-def clear_output_dir(directory: str) -> int:
-    """Deletes everything under ``directory`` (a local path or gs://). Returns the number of files removed."""
+_PARTITION_DIR_RE = re.compile(r"/date=\d{4}-\d{2}-\d{2}/?$")
+
+
+def _delete_all_under(directory: str) -> int:
     matches = FileSystems.match([join(directory, "**")])[0].metadata_list
     paths = [m.path for m in matches]
     if paths:
         FileSystems.delete(paths)
     return len(paths)
+
+
+def clear_output_dir(directory: str) -> int:
+    """Deletes everything under one date partition of a job's output (local or gs://); returns the files removed.
+
+    A recursive delete is the most dangerous thing a job does, so it is confined: only a ``.../date=YYYY-MM-DD``
+    directory, reached without ``..`` segments, can be cleared. Anything else is refused.
+    """
+    if ".." in directory.replace("\\", "/").split("/") or not _PARTITION_DIR_RE.search(directory):
+        raise ValueError(f"refusing to clear {directory!r}: only a job's date=YYYY-MM-DD output partition is cleared")
+    return _delete_all_under(directory)
+
+
+def replace_artifact_dir(directory: str, marker_file: str) -> int:
+    """Empties an artifact directory (a tokenizer, a transform) before it is rewritten, if it is ours to replace.
+
+    Only an empty directory or one holding ``marker_file`` (so, an earlier version of the same artifact) is cleared:
+    a mistyped ``--query_tokenizer=/home/me`` must fail, not delete someone's files.
+    """
+    if ".." in directory.replace("\\", "/").split("/"):
+        raise ValueError(f"refusing to clear {directory!r}: no '..' segments in artifact paths")
+    existing = FileSystems.match([join(directory, "**")])[0].metadata_list
+    if existing and not FileSystems.exists(join(directory, marker_file)):
+        raise FileExistsError(f"{directory} holds files but no {marker_file}: not an artifact this job replaces")
+    return _delete_all_under(directory)
 
 
 def success_marker_exists(directory: str) -> bool:

@@ -105,18 +105,38 @@ class FitFeatureTransform(beam.PTransform):
             return transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(self._output_dir)
 
 
+def _probe_columns() -> Dict[str, np.ndarray]:
+    """A fixed grid of raw feature values that exercises every bucket boundary and vocabulary entry."""
+    ratios = np.linspace(0.0, 2.0, 81, dtype=np.float32)
+    times = np.geomspace(1.0, 86400.0, 81).astype(np.float32)
+    gaps = np.concatenate([[FIRST_EVENT_GAP_S, 0.0], np.geomspace(1.0, 30 * 86400.0, 79)]).astype(np.float32)
+    n = len(ratios)
+    from transforms.schemas import DEVICES, SURFACES
+
+    return {"watch_ratio": ratios, "watch_time_s": times, "time_gap_s": gaps,
+            "liked": np.arange(n) % 2, "disliked": (np.arange(n) // 2) % 2,
+            "surface": np.asarray([(SURFACES + ("never_seen",))[i % (len(SURFACES) + 1)] for i in range(n)], object),
+            "device": np.asarray([(DEVICES + ("never_seen",))[i % (len(DEVICES) + 1)] for i in range(n)], object)}
+
+
 def transform_fn_version(transform_dir: str) -> str:
-    """Content hash of a written transform_fn (its SavedModel, variables and vocabulary assets)."""
-    digest = hashlib.sha256()
-    root = outputs.join(transform_dir, "transform_fn")
+    """What the transform does, as a hash: its outputs on a fixed probe grid, plus its vocabulary assets.
+
+    Not a hash of the SavedModel files: TensorFlow serializes the same graph (analyzer results baked in as
+    constants) to different bytes on every save, and the version must not change when nothing did.
+    """
     from apache_beam.io.filesystems import FileSystems
 
-    paths = sorted(m.path for m in FileSystems.match([outputs.join(root, "**")])[0].metadata_list)
-    for path in paths:
-        if os.path.basename(path) == "fingerprint.pb":
-            continue  # a random id per save, not content
-        digest.update(os.path.relpath(path, root).encode())
-        with FileSystems.open(path) as handle:
+    digest = hashlib.sha256()
+    buckets, soft = WatchFeaturizer(transform_dir).featurize_columns(_probe_columns())
+    for name in sorted(buckets):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(buckets[name], dtype=np.int64).tobytes())
+    digest.update(np.round(soft.astype(np.float64), 5).tobytes())
+    assets = outputs.join(transform_dir, "transform_fn", "assets")
+    for metadata in sorted(FileSystems.match([outputs.join(assets, "*")])[0].metadata_list, key=lambda m: m.path):
+        digest.update(os.path.basename(metadata.path).encode())
+        with FileSystems.open(metadata.path) as handle:
             digest.update(handle.read())
     return f"tft-{digest.hexdigest()[:16]}"
 

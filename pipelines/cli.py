@@ -16,7 +16,8 @@ EXPECTED_ERRORS = (InputContractError, FileNotFoundError, FileExistsError, Value
 
 
 def run_main(main: Callable[[Optional[List[str]]], None], argv: Optional[List[str]] = None) -> None:
-    logging.getLogger().setLevel(logging.INFO)
+    # Beam logs every stage at INFO; a job's own summary is printed, so the console shows warnings and up.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         main(sys.argv[1:] if argv is None else argv)
     except EXPECTED_ERRORS as err:

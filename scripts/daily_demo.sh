@@ -12,6 +12,7 @@ START=2026-01-01
 END=2026-01-08           # 8 days of data
 LAST_EXAMPLE_DAY=2026-01-07  # a day's examples need the next day (the 24 h look-ahead window)
 RUNNER=(--runner=FnApiRunner)
+export TF_CPP_MIN_LOG_LEVEL=3  # TensorFlow start-up chatter (no GPU found, CPU flags) is not news here
 RANGE=(--start_date=$START --end_date=$END)
 
 step() { printf '\n=== %s\n' "$*"; }

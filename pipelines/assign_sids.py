@@ -27,8 +27,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.cli import run_main
-from pipelines.options import TokenMindsOptions, artifact_paths, is_dry_run, processing_dates, validated_root
+from pipelines.cli import run_main, run_per_day
+from pipelines.options import TokenMindsOptions, artifact_paths, processing_dates, validated_root
 from tokenminds_model.checkpoints import read_sid_model_config
 from tokenminds_model.vocabulary import DEFAULT_DISAMBIGUATION_SIZE
 from transforms import outputs, schemas
@@ -138,24 +138,15 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
                          f"--embedding_dim is {common.embedding_dim}")
     version = model_config["version"]
     validated_tables = validated_root(options)
-    summaries = []
     # Sequential by nature: each day carries over the day before.
-    for date in processing_dates(options):
-        if not is_dry_run(options):
-            outputs.clear_output_dir(sids_dir(common.output_root, date))
-            outputs.clear_output_dir(schemas.partition_dir(outputs.join(common.output_root, schemas.DEAD_LETTER),
-                                                           schemas.VIDEO_SIDS, date))
-        pipeline = beam.Pipeline(options=options)
-        assign_day(pipeline, date, common.output_root, validated_tables, sid_model, version, job)
-        result = pipeline.run()
-        if is_dry_run(options):
-            continue
-        result.wait_until_finish()
-        summary = outputs.read_json_file(outputs.join(sids_dir(common.output_root, date), SUMMARY_FILE))
-        if not summary["totals"]["balanced"]:
-            raise RuntimeError(f"row accounting failed for {date}: {summary['totals']}")
-        summaries.append(summary)
-    return summaries
+    dead_root = outputs.join(common.output_root, schemas.DEAD_LETTER)
+    return run_per_day(
+        options, processing_dates(options),
+        build_day=lambda pipeline, date: assign_day(pipeline, date, common.output_root, validated_tables, sid_model,
+                                                    version, job),
+        summary_path=lambda date: outputs.join(sids_dir(common.output_root, date), SUMMARY_FILE),
+        clear_dirs=lambda date: [sids_dir(common.output_root, date),
+                                 schemas.partition_dir(dead_root, schemas.VIDEO_SIDS, date)])
 
 
 def main(argv=None):

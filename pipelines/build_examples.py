@@ -29,8 +29,8 @@ from apache_beam.io.tfrecordio import WriteToTFRecord
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.cli import run_main
-from pipelines.options import TokenMindsOptions, artifact_paths, is_dry_run, processing_dates
+from pipelines.cli import run_main, run_per_day
+from pipelines.options import TokenMindsOptions, artifact_paths, processing_dates
 from pipelines.update_histories import require_success, snapshot_dir
 from tokenminds_model.checkpoints import read_sid_model_config
 from tokenminds_model.query_tokenizer import QueryTokenizer
@@ -155,26 +155,22 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     artifacts = artifact_paths(options)
     layout = vocabulary_layout(*artifacts)
     spec = examples.feature_spec(config, layout)
-    results = []
-    for date in processing_dates(options):
+    dead_root = outputs.join(common.output_root, schemas.DEAD_LETTER)
+
+    def write_spec_and_vocabulary(date):
         out_dir = examples_dir(common.output_root, job, date)
-        if not is_dry_run(options):
-            outputs.clear_output_dir(out_dir)
-            outputs.clear_output_dir(schemas.partition_dir(outputs.join(common.output_root, schemas.DEAD_LETTER),
-                                                           "examples", date))
-            outputs.write_text_file(outputs.join(out_dir, FEATURE_SPEC_FILE), json.dumps(spec, indent=2) + "\n")
-            layout.save_manifest(outputs.join(out_dir, VOCABULARY_FILE))
-        pipeline = beam.Pipeline(options=options)
-        build_day(pipeline, date, common.output_root, job, artifacts, layout, config, common.seed)
-        result = pipeline.run()
-        if is_dry_run(options):
-            continue
-        result.wait_until_finish()
-        stats = outputs.read_json_file(outputs.join(out_dir, STATS_FILE))
-        if not stats["totals"]["balanced"]:
-            raise RuntimeError(f"row accounting failed for {date}: {stats['totals']}")
-        results.append(stats)
-    return results
+        outputs.write_text_file(outputs.join(out_dir, FEATURE_SPEC_FILE), json.dumps(spec, indent=2) + "\n")
+        layout.save_manifest(outputs.join(out_dir, VOCABULARY_FILE))
+
+    # Days are independent of each other; a range builds them one after another, each as its daily run would.
+    return run_per_day(
+        options, processing_dates(options),
+        build_day=lambda pipeline, date: build_day(pipeline, date, common.output_root, job, artifacts, layout,
+                                                   config, common.seed),
+        summary_path=lambda date: outputs.join(examples_dir(common.output_root, job, date), STATS_FILE),
+        clear_dirs=lambda date: [examples_dir(common.output_root, job, date),
+                                 schemas.partition_dir(dead_root, "examples", date)],
+        before_run=write_spec_and_vocabulary)
 
 
 def main(argv=None):

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
 from typing import List, Optional
 
 import apache_beam as beam
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.cli import run_main
-from pipelines.options import TokenMindsOptions, is_dry_run, processing_dates, validated_root
+from pipelines.cli import run_main, run_per_day
+from pipelines.options import TokenMindsOptions, processing_dates, validated_root
 from transforms import histories, outputs, schemas
 from transforms.sources import ReadTable, SourceConfig
 from transforms.validation import parse_timestamp
@@ -145,25 +144,14 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     common = options.view_as(TokenMindsOptions)
     job = options.view_as(UpdateHistoriesOptions)
     validated_tables = validated_root(options)
-    summaries = []
     # Days are sequential by nature (each folds into the one before), so a range runs one job per day.
-    for date in processing_dates(options):
-        if not is_dry_run(options):
-            for directory in (snapshot_dir(common.output_root, date), schemas.partition_dir(
-                    outputs.join(common.output_root, schemas.DEAD_LETTER), schemas.HISTORIES, date)):
-                outputs.clear_output_dir(directory)
-        pipeline = beam.Pipeline(options=options)
-        update_day(pipeline, date, common.output_root, validated_tables, job)
-        result = pipeline.run()
-        if is_dry_run(options):
-            continue
-        result.wait_until_finish()
-        summary = outputs.read_json_file(outputs.join(snapshot_dir(common.output_root, date), SUMMARY_FILE))
-        logging.info("update_histories %s: %s", date, summary["totals"])
-        if not summary["totals"]["balanced"]:
-            raise RuntimeError(f"row accounting failed for {date}: {summary['totals']}")
-        summaries.append(summary)
-    return summaries
+    dead_root = outputs.join(common.output_root, schemas.DEAD_LETTER)
+    return run_per_day(
+        options, processing_dates(options),
+        build_day=lambda pipeline, date: update_day(pipeline, date, common.output_root, validated_tables, job),
+        summary_path=lambda date: outputs.join(snapshot_dir(common.output_root, date), SUMMARY_FILE),
+        clear_dirs=lambda date: [snapshot_dir(common.output_root, date),
+                                 schemas.partition_dir(dead_root, schemas.HISTORIES, date)])
 
 
 def main(argv=None):

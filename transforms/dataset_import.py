@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import os
 import shutil
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -72,7 +71,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from transforms import schemas
+from transforms import outputs, schemas
 
 # ---------------------------------------------------------------------------------------------------------------
 # The mapping's constants (recorded in the manifest).
@@ -252,11 +251,7 @@ def write_imported_dataset(dataset: ImportedDataset, output_root: str) -> Dict:
     pq.write_table(dataset.catalog, os.path.join(output_root, CATALOG_DIR, "items.parquet"), compression="zstd")
 
     manifest = dataset.manifest()
-    manifest_path = os.path.join(output_root, MANIFEST_FILE)
-    with open(manifest_path + ".tmp", "w") as f:  # replace atomically: a reader never sees half a manifest
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(manifest_path + ".tmp", manifest_path)
+    outputs.write_json_atomically(os.path.join(output_root, MANIFEST_FILE), manifest)
     return manifest
 
 

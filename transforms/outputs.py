@@ -76,6 +76,16 @@ def write_text_file(path: str, text: str) -> str:
     return path
 
 
+def write_json_atomically(local_path: str, value) -> None:
+    """A local JSON file replaced in one rename, so a reader never sees half of it (used for dataset manifests)."""
+    import os
+
+    with open(local_path + ".tmp", "w") as handle:
+        json.dump(value, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(local_path + ".tmp", local_path)
+
+
 def read_json_file(path: str):
     with FileSystems.open(path) as handle:
         return json.loads(handle.read().decode("utf-8"))

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import os
 import shutil
 from typing import Dict, List
@@ -42,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transforms import schemas
+from transforms import outputs, schemas
 
 # ---------------------------------------------------------------------------------------------------------------
 # Constants of the generated layout.
@@ -266,11 +265,7 @@ def write_sample_dataset(dataset: SampleDataset, output_root: str) -> Dict:
     pq.write_table(dataset.user_truth, os.path.join(truth_dir, "users.parquet"), compression="zstd")
 
     manifest = dataset.manifest()
-    manifest_path = os.path.join(output_root, MANIFEST_FILE)
-    with open(manifest_path + ".tmp", "w") as f:  # replace atomically: a reader never sees half a manifest
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(manifest_path + ".tmp", manifest_path)
+    outputs.write_json_atomically(os.path.join(output_root, MANIFEST_FILE), manifest)
     return manifest
 
 

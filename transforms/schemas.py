@@ -193,16 +193,12 @@ HISTORIES = "histories"
 DEFAULT_MAX_HISTORY_WATCHES = 1200  # the paper's "last 1,200 watches"
 DEFAULT_MAX_HISTORY_SEARCHES = 100
 
+# A watch_events row without user_id (the snapshot's key), its time as event_ts_us, plus the video's SID.
 HISTORY_WATCH_TYPE = pa.struct([
-    pa.field("video_id", pa.string()),
-    pa.field("scenario", pa.string()),
+    WATCH_EVENTS_SCHEMA.field("video_id"),
+    WATCH_EVENTS_SCHEMA.field("scenario"),
     pa.field("event_ts_us", pa.int64()),
-    pa.field("watch_time_s", pa.float64()),
-    pa.field("video_duration_s", pa.float64()),
-    pa.field("surface", pa.string()),
-    pa.field("device", pa.string()),
-    pa.field("liked", pa.bool_()),
-    pa.field("disliked", pa.bool_()),
+    *[f for f in WATCH_EVENTS_SCHEMA if f.name not in ("user_id", "video_id", "scenario", "event_ts")],
     pa.field("sid", pa.list_(pa.int32())),  # full-depth SID codes under sid_model_version
 ])
 HISTORY_SEARCH_TYPE = pa.struct([

@@ -9,6 +9,7 @@ structure to find. Prints items, steps, seconds and items/s for training, then t
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 import time
@@ -92,6 +93,10 @@ def main() -> int:
           f"{args.items / whole_seconds:,.0f} items/s")
     print(f"model.encode_batched (host numpy in/out, 8192-row batches): {batched_seconds * 1e3:.1f} ms, "
           f"{args.items / batched_seconds:,.0f} items/s")
+    print("RESULT " + json.dumps({"bench": "rqvae_training", "items": args.items, "steps": args.steps,
+                                  "train_seconds": round(total_seconds, 2),
+                                  "train_examples_per_s": round(examples / total_seconds),
+                                  "encode_items_per_s": round(args.items / batched_seconds)}))
     return 0
 
 

@@ -1,0 +1,264 @@
+"""SID-assignment throughput: items/s through the Beam pipeline and through the bare JAX function, side by side.
+
+One run, on the same synthetic catalogue (hierarchical clusters, as in ``bench/rqvae_training.py``; ``--dim``-wide
+embeddings, written as a validated ``videos`` partition: ``<root>/validated/videos/date=D/part-0000S-of-00002.parquet``
++ ``_SUCCESS``, the layout ``pipelines.validate_inputs`` writes and ``pipelines.assign_sids`` reads):
+
+- bare JAX: ``TrainedSIDModel.encode_batched`` on the embeddings (host numpy in and out, the pipeline's
+  ``--inference_batch_size`` batches, after compilation; best of ``--repeats``, measured before and after the Beam
+  runs);
+- Beam: ``python -m pipelines.assign_sids --runner=FnApiRunner`` in full mode (no earlier assignment, so every video
+  is read, joined, encoded by RunInference, disambiguated and written), in one process and with
+  ``--direct_num_workers=2 --direct_running_mode=multi_processing``, each as a measured subprocess
+  (``bench.common.run_job``). Items/s are over the job's own run time (interpreter start-up and imports are shown
+  apart). The same job on a ``--tiny-items`` catalogue gives the fixed cost (worker start-up, model load and
+  compilation, per-job overhead), and ``(items - tiny) / (run - run_tiny)`` the marginal items/s.
+
+The model is fitted here, 3 x 256 by default: ``--kind=rq_kmeans`` (default; residual k-means, fits in seconds, its
+encoder is the identity so encoding is the 3-level nearest-codeword search alone) or ``--kind=rqvae`` (a quick RQ-VAE
+with ``--steps`` steps; encoding adds its MLP encoder).
+
+    python -m bench.sid_assignment [--items=50000] [--tiny-items=2000] [--kind=rq_kmeans|rqvae] [--small]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import glob
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from bench.common import RUNNERS, machine_line, print_table, result_line, run_job  # noqa: E402
+
+DAY = dt.date(2026, 1, 1)
+SHARDS = 2  # validate_inputs' default --validated_shards
+
+
+def synthetic_items(num_items: int, dim: int, seed: int) -> np.ndarray:
+    """Hierarchical clusters (64 top, 16 sub-clusters each, noise), the same recipe as bench/rqvae_training.py."""
+    rng = np.random.default_rng(seed)
+    top_centers = rng.normal(size=(64, dim)) * 2.0
+    sub_offsets = rng.normal(size=(64, 16, dim)) * 0.7
+    top = rng.integers(0, 64, num_items)
+    sub = rng.integers(0, 16, num_items)
+    return (top_centers[top] + sub_offsets[top, sub] + rng.normal(size=(num_items, dim)) * 0.3).astype(np.float32)
+
+
+def write_validated_videos(validated_root: str, embeddings: np.ndarray) -> None:
+    """The catalogue as validate_inputs would leave it: one day's partition, SHARDS files, then _SUCCESS."""
+    from transforms import schemas
+
+    directory = schemas.partition_dir(validated_root, schemas.VIDEOS, DAY)
+    os.makedirs(directory)
+    count = len(embeddings)
+    start = dt.datetime(DAY.year, DAY.month, DAY.day, tzinfo=dt.timezone.utc)
+    table = pa.table({
+        "video_id": [f"v{i:08d}" for i in range(count)],
+        "scenario": ["SFV" if i % 3 else "LFV" for i in range(count)],
+        "content_embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)),
+                                                               embeddings.shape[1]).cast(pa.list_(pa.float32())),
+        "publish_ts": pa.array([start + dt.timedelta(seconds=i % 86_400) for i in range(count)],
+                               type=schemas.TIMESTAMP),
+    }, schema=schemas.VIDEOS_SCHEMA)
+    bounds = np.linspace(0, count, SHARDS + 1).astype(int)
+    for shard in range(SHARDS):
+        pq.write_table(table.slice(bounds[shard], bounds[shard + 1] - bounds[shard]),
+                       f"{directory}/part-{shard:05d}-of-{SHARDS:05d}.parquet", compression="zstd")
+    open(f"{directory}/_SUCCESS", "w").close()
+
+
+def fit_model(embeddings: np.ndarray, kind: str, steps: int, seed: int):
+    from tokenminds_model.rqvae import RQVAEConfig, rq_kmeans, train_rqvae
+
+    if kind == "rq_kmeans":
+        return rq_kmeans(embeddings, levels=3, codebook_size=256, seed=seed, kmeans_iters=15,
+                         kmeans_samples=min(len(embeddings), 20_000))
+    config = RQVAEConfig(input_dim=embeddings.shape[1], levels=3, codebook_size=256, steps=steps, batch_size=512,
+                         seed=seed, kmeans_init_iters=10)
+    return train_rqvae(embeddings, config)[0]
+
+
+def time_bare(model, embeddings: np.ndarray, batch_size: int, repeats: int):
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        codes = model.encode_batched(embeddings, batch_size=batch_size)
+        timings.append(time.perf_counter() - started)
+    return timings, codes
+
+
+def ragged_batch_probe(model, embeddings: np.ndarray, batch_size: int):
+    """RunInference hands the handler batches of varying length (BatchElements grows them, bundles end in partial
+    batches). encode_batched(batch, batch_size) is meant to pad every call to one shape; this times a batch of
+    each of a few unseen lengths, first call and repeat: a first call far above the repeat is a fresh compilation."""
+    probes = []
+    for rows in (batch_size // 2 + 1, batch_size // 4 + 3, 7):
+        rows = min(rows, len(embeddings))
+        first, repeat = (time_bare(model, embeddings[:rows], batch_size, 1)[0][0] for _ in range(2))
+        probes.append({"rows": rows, "first_s": first, "repeat_s": repeat})
+    return probes
+
+
+def run_assign(root: str, validated_root: str, model_dir: str, dim: int, batch_size: int, runner, tag: str):
+    from transforms import schemas
+
+    out = f"{root}/out_{tag}"
+    measured = run_job("pipelines.assign_sids", f"--date={DAY}", f"--output_root={out}",
+                       f"--validated_root={validated_root}", f"--sid_model={model_dir}", f"--embedding_dim={dim}",
+                       f"--inference_batch_size={batch_size}", *runner)
+    summary = json_load(f"{schemas.partition_dir(out, schemas.VIDEO_SIDS, DAY)}/summary.json")
+    measured["mode"] = summary["mode"]
+    measured["rows_out"] = summary["tables"][schemas.VIDEO_SIDS][DAY.isoformat()]["rows_out"]
+    measured["encoded"] = summary["tables"][schemas.VIDEOS][DAY.isoformat()]["rows_out"]
+    measured["sids"] = read_sids(out)
+    shutil.rmtree(out)
+    return measured
+
+
+def json_load(path: str):
+    import json
+
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def read_sids(out: str):
+    from transforms import schemas
+
+    directory = schemas.partition_dir(out, schemas.VIDEO_SIDS, DAY)
+    table = pa.concat_tables([pq.read_table(path, columns=["video_id", "sid"])
+                              for path in sorted(glob.glob(f"{directory}/part-*.parquet"))])
+    order = np.argsort(np.asarray(table["video_id"].to_pylist()))
+    return np.asarray(table["sid"].to_pylist(), dtype=np.int32)[order]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=50_000)
+    parser.add_argument("--tiny-items", type=int, default=2_000,
+                        help="catalogue size of the fixed-cost run (0: skip it and the marginal figures)")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--kind", choices=("rq_kmeans", "rqvae"), default="rq_kmeans")
+    parser.add_argument("--steps", type=int, default=300, help="RQ-VAE training steps (--kind=rqvae)")
+    parser.add_argument("--batch-size", type=int, default=1024,
+                        help="--inference_batch_size of the pipeline, and the bare encode_batched batch")
+    parser.add_argument("--repeats", type=int, default=3, help="bare JAX repeats, before and after the Beam runs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--small", action="store_true", help="5,000 items, tiny 1,000 (for bench.run_all)")
+    parser.add_argument("--workdir", default=None, help="keep the catalogue and model here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    if args.small:
+        args.items, args.tiny_items = 5_000, 1_000
+    if not 0 <= args.tiny_items < args.items:
+        parser.error("--tiny-items must be >= 0 and below --items")
+
+    import jax
+
+    from tokenminds_model.checkpoints import load_sid_model, save_sid_model
+
+    root = args.workdir or tempfile.mkdtemp(prefix="bench_sid_assignment_")
+    os.makedirs(root, exist_ok=True)
+    embeddings = synthetic_items(args.items, args.dim, args.seed)
+    sizes = [args.items] + ([args.tiny_items] if args.tiny_items else [])
+    for size in sizes:
+        write_validated_videos(f"{root}/validated_{size}", embeddings[:size])
+    started = time.perf_counter()
+    model = fit_model(embeddings, args.kind, args.steps, args.seed)
+    fit_s = time.perf_counter() - started
+    model_dir = f"{root}/sid_model"
+    save_sid_model(model, model_dir, overwrite=True)
+    model = load_sid_model(model_dir)  # what each worker does
+    print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; {machine_line()}")
+    print(f"catalogue: {args.items:,} items, {args.dim}-d; model: {args.kind} 3x256 ({model.version}), fitted in "
+          f"{fit_s:.1f} s{f' ({args.steps} steps)' if args.kind == 'rqvae' else ''}; batch {args.batch_size}; "
+          f"work dir {root}\n", flush=True)
+
+    model.encode_batched(embeddings[:args.batch_size], batch_size=args.batch_size)  # compile outside the timing
+    bare_before, codes = time_bare(model, embeddings, args.batch_size, args.repeats)
+
+    beam = {}
+    for label, runner in RUNNERS.items():
+        for size in sizes:
+            tag = f"{label.replace(' ', '_')}_{size}"
+            print(f"running assign_sids, {label}, {size:,} items ...", flush=True)
+            beam[(label, size)] = run_assign(root, f"{root}/validated_{size}", model_dir, args.dim, args.batch_size,
+                                             runner, tag)
+    bare_after, _ = time_bare(model, embeddings, args.batch_size, args.repeats)
+    ragged = ragged_batch_probe(model, embeddings, args.batch_size)
+
+    # The pipeline's SIDs must be the bare function's SIDs, and it must have run in full mode on every item.
+    for (label, size), measured in beam.items():
+        assert measured["mode"] == "full" and measured["rows_out"] == size == measured["encoded"], measured
+        assert np.array_equal(measured["sids"], codes[:size]), f"{label}: pipeline SIDs differ from encode_batched"
+
+    bare_s = min(bare_before + bare_after)
+    bare_rate = args.items / bare_s
+    headers = ["path", "items", "seconds", "items/s", "bare/this", "CPU s", "peak RSS MiB"]
+    rows = [[f"bare JAX encode_batched (batch {args.batch_size})", f"{args.items:,}", f"{bare_s:.3f}",
+             f"{bare_rate:,.0f}", "1.0x", "", ""]]
+    result = {"items": args.items, "tiny_items": args.tiny_items, "kind": args.kind, "dim": args.dim,
+              "batch_size": args.batch_size, "bare_jax_s": bare_s, "bare_jax_items_per_s": bare_rate,
+              "bare_jax_all_s": bare_before + bare_after, "load_avg_1min": os.getloadavg()[0]}
+    for label in RUNNERS:
+        key = "beam_single" if label == "1 process" else "beam_2proc"
+        big = beam[(label, args.items)]
+        rate = args.items / big["run_s"]
+        rows.append([f"Beam assign_sids, {label}: job run", f"{args.items:,}", f"{big['run_s']:.2f}",
+                     f"{rate:,.0f}", f"{bare_rate / rate:,.0f}x", f"{big['cpu_s']:.1f}",
+                     f"{big['peak_tree_rss_mib']:,.0f}"])
+        rows.append([f"  same, process wall (+{big['import_s']:.1f} s start-up/imports)", f"{args.items:,}",
+                     f"{big['wall_s']:.2f}", f"{args.items / big['wall_s']:,.0f}",
+                     f"{bare_rate * big['wall_s'] / args.items:,.0f}x", "", ""])
+        result.update({f"{key}_run_s": big["run_s"], f"{key}_wall_s": big["wall_s"], f"{key}_cpu_s": big["cpu_s"],
+                       f"{key}_items_per_s": rate, f"{key}_peak_tree_rss_mib": big["peak_tree_rss_mib"],
+                       f"bare_over_{key}": bare_rate / rate})
+        if args.tiny_items:
+            tiny = beam[(label, args.tiny_items)]
+            extra_s = big["run_s"] - tiny["run_s"]
+            marginal = (args.items - args.tiny_items) / extra_s if extra_s > 0 else float("inf")
+            rows.append([f"  fixed cost: same job on {args.tiny_items:,} items", f"{args.tiny_items:,}",
+                         f"{tiny['run_s']:.2f}", f"{args.tiny_items / tiny['run_s']:,.0f}", "",
+                         f"{tiny['cpu_s']:.1f}", f"{tiny['peak_tree_rss_mib']:,.0f}"])
+            rows.append([f"  marginal ({args.items:,} - {args.tiny_items:,} items)",
+                         f"{args.items - args.tiny_items:,}", f"{extra_s:.2f}", f"{marginal:,.0f}",
+                         f"{bare_rate / marginal:,.0f}x", f"{big['cpu_s'] - tiny['cpu_s']:.1f}", ""])
+            result.update({f"{key}_tiny_run_s": tiny["run_s"], f"{key}_marginal_items_per_s": marginal,
+                           f"bare_over_{key}_marginal": bare_rate / marginal})
+    print()
+    print_table(headers, rows)
+    print(f"\nbare JAX timings (s), {args.repeats} before and {args.repeats} after the Beam runs: "
+          + ", ".join(f"{t:.3f}" for t in bare_before + bare_after))
+    print("seconds: the job's own run time (python -m pipelines.assign_sids minus interpreter start-up and imports); "
+          "CPU s and RSS: the whole process tree (SDK worker processes included)")
+    print(f"ragged batches (encode_batched(x[:n], batch_size={args.batch_size}) for lengths not seen before), "
+          "first call / repeat: " + ", ".join(f"n={p['rows']}: {p['first_s'] * 1e3:.0f} / {p['repeat_s'] * 1e3:.1f} ms"
+                                              for p in ragged))
+    recompiles = all(p["first_s"] > 10 * p["repeat_s"] + 0.05 for p in ragged)
+    if recompiles:
+        print("  -> every new batch length compiles again (the tail is not padded to batch_size), and RunInference's "
+              "batches vary in length: the pipeline pays compilations the bare run does not")
+    result["ragged_batches"] = ragged
+    result["recompiles_per_batch_length"] = recompiles
+    print(f"ratio bare JAX / Beam (1 process, job run): {result['bare_over_beam_single']:,.0f}x; "
+          f"2 processes vs 1 process: {result['beam_2proc_items_per_s'] / result['beam_single_items_per_s']:.2f}x "
+          "items/s")
+    print(result_line("sid_assignment", result))
+    if not args.workdir:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

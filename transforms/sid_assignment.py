@@ -36,8 +36,11 @@ class JaxSIDModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     def run_inference(self, batch: Sequence[np.ndarray], model, inference_args: Optional[Dict[str, Any]] = None
                       ) -> Iterable[PredictionResult]:
         embeddings = np.stack([np.asarray(e, dtype=np.float32) for e in batch])
-        # encode_batched pads the tail to batch_size: every call has one shape, so jit compiles once.
-        codes = model.encode_batched(embeddings, batch_size=self._batch_size)
+        # RunInference's batches vary in length, and jit compiles once per input shape (about a second each).
+        # Padding every batch to the handler's fixed batch size gives one shape, so each worker compiles once.
+        padded = np.zeros((self._batch_size * -(-len(batch) // self._batch_size), embeddings.shape[1]), np.float32)
+        padded[:len(batch)] = embeddings
+        codes = model.encode_batched(padded, batch_size=self._batch_size)[:len(batch)]
         return [PredictionResult(example, sid) for example, sid in zip(batch, codes)]
 
     def batch_elements_kwargs(self):

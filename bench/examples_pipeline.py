@@ -1,12 +1,27 @@
-"""Scaling of the daily example flow: update_histories and build_examples at three dataset sizes.
+"""Scaling of the daily example flow: update_histories and build_examples at three dataset sizes, and the I/O floor.
 
-    python -m bench.examples_pipeline [--users=500,2000,8000] [--days=3] [--small]
+For each size (``--users``, over ``--days`` days; sample data from ``transforms.sample_data``, seed 0):
 
-For each size: generate the sample dataset, prepare it (validate, SID model, SIDs, tokenizer, feature transform: not
-timed), then time update_histories (all days) and build_examples (day 2), each with --runner=FnApiRunner in one
-process and with 2 worker processes, as subprocesses whose process tree is polled for peak RSS. Prints input
-events/s, examples/s, peak RSS, and the per-event cost ratio largest/smallest (~1 = linear scaling). In the same run,
-the floor: reading the same validated Parquet input and writing as many gzip TFRecord bytes as the examples took.
+- setup, not part of the headline (in this process, timed only for information): generate and write the sample
+  dataset, ``validate_inputs`` (all days), ``train_sid_model`` (``--sid-kind``, 3 x 256), ``assign_sids`` (all
+  days), ``train_query_tokenizer``; after the first ``update_histories``, ``fit_feature_transform`` on day 1;
+- timed, each as a measured subprocess (``bench.common.run_job``: ``python -m pipelines.X``, peak RSS and CPU of the
+  whole process tree), with ``--runner=FnApiRunner`` in one process and then with ``--direct_num_workers=2
+  --direct_running_mode=multi_processing``: ``update_histories`` over all days (``--backfill_days=1``: day 1 from
+  raw events, then each day folded into the day before) and ``build_examples`` for day 2 (it reads the snapshots of
+  days 1-3). Both runner modes must give the same number of examples;
+- the floor, in this process: read the same validated Parquet input (``watch_events`` and ``search_events``, every
+  day, ``pyarrow.parquet.read_table``) and write as many gzip TFRecord bytes as the examples took on disk (the same
+  number of records, random bytes, so gzip cannot shrink them); best of ``--floor-repeats``.
+
+"input events" are the validated watch + search rows over all days: what update_histories reads, and what the
+snapshots build_examples reads were folded from. Seconds are the job's own run time (``python -m`` minus
+interpreter start-up and imports, shown apart). Per-event cost ratio = (seconds per input event at the largest
+size) / (at the smallest); ~1 is linear scaling, below 1 means fixed costs (worker start-up, artifact loading,
+per-stage overhead) still weigh at the small size. The least-squares line seconds = fixed + per-event x events over
+the sizes separates the two.
+
+    python -m bench.examples_pipeline [--users=500,2000,8000] [--days=3] [--sid-kind=rq_kmeans] [--small]
 """
 from __future__ import annotations
 
@@ -14,137 +29,228 @@ import argparse
 import glob
 import json
 import os
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import psutil
-import pyarrow.parquet as pq
-
 REPO = Path(__file__).resolve().parents[1]
-SINGLE = ["--runner=FnApiRunner"]
-MULTI = ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from bench.common import FNAPI, RUNNERS, machine_line, print_table, result_line, run_job  # noqa: E402
+
+EVENT_TABLES = ("watch_events", "search_events")
+SMALL_USERS = "150,600"
 
 
-def run_measured(module: str, *args: str):
-    """Runs ``python -m module args`` and returns (seconds, peak RSS of its process tree in MiB)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(process.pid), 0
-    while process.poll() is None:
-        try:
-            tree = [root] + root.children(recursive=True)
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    seconds = time.perf_counter() - started
-    if process.returncode != 0:
-        raise RuntimeError(f"{module} failed: {process.stderr.read()[-2000:]}")
-    return seconds, peak / 2**20
-
-
-def prepare(root: str, users: int, days: int):
+def prepare(root: str, users: int, days: int, sid_kind: str) -> dict:
+    """Sample data, validated, with a SID model, SIDs and a query tokenizer (in this process: setup, not timed)."""
+    from pipelines import assign_sids, train_query_tokenizer, train_sid_model, validate_inputs
     from transforms.sample_data import SampleDataConfig, generate_sample_dataset, write_sample_dataset
 
+    timings = {}
+    started = time.perf_counter()
     config = SampleDataConfig(users=users, days=days, seed=0)
     write_sample_dataset(generate_sample_dataset(config), f"{root}/raw")
+    timings["generate"] = time.perf_counter() - started
     dates = config.dates
-    span = [f"--start_date={dates[0]}", f"--end_date={dates[-1]}", f"--output_root={root}/out"]
-    run_measured("pipelines.validate_inputs", *span, f"--input_root={root}/raw", *SINGLE)
-    run_measured("pipelines.train_sid_model", f"--videos={root}/out/validated/videos", f"--date={dates[0]}",
-                 f"--output={root}/out/sid_model", "--kind=rq_kmeans")
-    run_measured("pipelines.assign_sids", *span, *SINGLE)
-    run_measured("pipelines.train_query_tokenizer", *span, *SINGLE)
-    return dates, span
+    out = f"{root}/out"
+    span = [f"--start_date={dates[0]}", f"--end_date={dates[-1]}", f"--output_root={out}", *FNAPI]
+    steps = [
+        ("validate", lambda: validate_inputs.run(span + [f"--input_root={root}/raw"])),
+        ("sid_model", lambda: train_sid_model.train(train_sid_model.parse_args(
+            [f"--videos={out}/validated/videos", f"--date={dates[0]}", f"--output={out}/sid_model",
+             f"--kind={sid_kind}", "--steps=300"]))),
+        ("assign_sids", lambda: assign_sids.run(span)),
+        ("query_tokenizer", lambda: train_query_tokenizer.run(span)),
+    ]
+    for name, step in steps:
+        started = time.perf_counter()
+        step()
+        timings[name] = time.perf_counter() - started
+    return {"dates": dates, "out": out, "timings": timings}
 
 
-def events_in(root: str, dates) -> int:
-    total = 0
-    for table in ("watch_events", "search_events"):
-        for day in dates:
-            for path in glob.glob(f"{root}/out/validated/{table}/date={day}/*.parquet"):
-                total += pq.ParquetFile(path).metadata.num_rows
-    return total
+def event_files(out: str, dates, tables=EVENT_TABLES):
+    return sorted(path for table in tables for day in dates
+                  for path in glob.glob(f"{out}/validated/{table}/date={day}/*.parquet"))
 
 
-def floor_seconds(root: str, dates, example_bytes: int) -> float:
-    """Read the validated events (pyarrow) and write ``example_bytes`` of gzip TFRecords: the I/O floor."""
+def count_rows(paths) -> int:
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
+
+
+def floor_seconds(paths, out_dir: str, records: int, total_bytes: int, repeats: int) -> dict:
+    """Best-of-``repeats`` seconds to read ``paths`` with pyarrow, and to write ``records`` gzip TFRecords of random
+    bytes totalling ``total_bytes``."""
     import tensorflow as tf
 
-    started = time.perf_counter()
-    for table in ("watch_events", "search_events"):
-        for day in dates:
-            for path in glob.glob(f"{root}/out/validated/{table}/date={day}/*.parquet"):
-                pq.read_table(path).to_pylist()
+    os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(0)
-    record = rng.integers(0, 256, 8192, dtype=np.uint8).tobytes()
-    with tf.io.TFRecordWriter(f"{root}/floor.tfrecord.gz", options="GZIP") as writer:
-        for _ in range(max(1, example_bytes // len(record))):
-            writer.write(record)
-    return time.perf_counter() - started
+    records = max(records, 1)
+    size = max(total_bytes // records, 1)
+    payload = rng.integers(0, 256, size * records + 1024, dtype=np.uint8).tobytes()
+    reads, writes = [], []
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        rows = sum(pq.read_table(path).num_rows for path in paths)
+        reads.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        path = f"{out_dir}/floor-{repeat}.tfrecord.gz"
+        with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+            for index in range(records):
+                offset = (index * 7919) % 1024  # records differ from each other
+                writer.write(payload[index * size + offset:(index + 1) * size + offset])
+        writes.append(time.perf_counter() - started)
+        written = os.path.getsize(path)
+        os.remove(path)
+    return {"read_s": min(reads), "write_s": min(writes), "floor_s": min(reads) + min(writes), "rows_read": rows,
+            "bytes_written": written}
 
 
-def bench_size(users: int, days: int):
-    root = tempfile.mkdtemp(prefix=f"bench_examples_{users}_")
-    dates, span = prepare(root, users, days)
+def bench_size(users: int, days: int, sid_kind: str, floor_repeats: int, workdir: str) -> dict:
+    from pipelines import fit_feature_transform
+
+    root = tempfile.mkdtemp(prefix=f"bench_examples_{users}_", dir=workdir)
+    print(f"\n[{users} users] setup in {root} ...", flush=True)
+    prepared = prepare(root, users, days, sid_kind)
+    dates, out = prepared["dates"], prepared["out"]
     build_day = dates[1]
-    row = {"users": users, "events": events_in(root, dates)}
-    for mode, runner in (("single", SINGLE), ("2proc", MULTI)):
-        seconds, rss = run_measured("pipelines.update_histories", *span, "--backfill_days=1", *runner)
-        row[f"histories_{mode}_s"], row[f"histories_{mode}_rss_mib"] = seconds, rss
-        if mode == "single":
-            run_measured("pipelines.fit_feature_transform", f"--date={dates[0]}", f"--output_root={root}/out",
-                         *SINGLE)
-        seconds, rss = run_measured("pipelines.build_examples", f"--date={build_day}", f"--output_root={root}/out",
-                                    *runner)
-        row[f"examples_{mode}_s"], row[f"examples_{mode}_rss_mib"] = seconds, rss
-    stats = json.load(open(f"{root}/out/examples/date={build_day}/stats.json"))
-    row["examples"] = stats["examples"]["examples"]
-    example_bytes = sum(os.path.getsize(p) for p in glob.glob(f"{root}/out/examples/date={build_day}/part-*"))
-    row["example_bytes"] = example_bytes
-    row["floor_s"] = floor_seconds(root, dates, example_bytes)
-    day_events = sum(pq.ParquetFile(p).metadata.num_rows for t in ("watch_events", "search_events")
-                     for p in glob.glob(f"{root}/out/validated/{t}/date={build_day}/*.parquet"))
-    row["build_day_events"] = day_events
+    span = [f"--start_date={dates[0]}", f"--end_date={dates[-1]}", f"--output_root={out}"]
+    row = {"users": users, "days": days, "build_day": build_day, "setup_s": prepared["timings"],
+           "events": count_rows(event_files(out, dates)),
+           "watch_events": count_rows(event_files(out, dates, ("watch_events",))),
+           "build_day_events": count_rows(event_files(out, [build_day]))}
+    print(f"[{users} users] {row['events']:,} input events ({row['watch_events']:,} watches); setup "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in prepared["timings"].items()), flush=True)
+    examples_by_mode = {}
+    for label, runner in RUNNERS.items():
+        key = "1p" if label == "1 process" else "2p"
+        print(f"[{users} users] update_histories, {label} ...", flush=True)
+        row[f"histories_{key}"] = strip_log(run_job("pipelines.update_histories", *span, "--backfill_days=1",
+                                                    *runner))
+        if not os.path.exists(f"{out}/feature_transform"):
+            started = time.perf_counter()
+            fit_feature_transform.run([f"--date={dates[0]}", f"--output_root={out}", *FNAPI])
+            row["setup_s"]["feature_transform"] = time.perf_counter() - started
+        print(f"[{users} users] build_examples {build_day}, {label} ...", flush=True)
+        row[f"examples_{key}"] = strip_log(run_job("pipelines.build_examples", f"--date={build_day}",
+                                                   f"--output_root={out}", *runner))
+        examples_dir = f"{out}/examples/date={build_day}"
+        with open(f"{examples_dir}/stats.json") as handle:
+            examples_by_mode[key] = json.load(handle)["examples"]["examples"]
+    if len(set(examples_by_mode.values())) != 1:
+        raise RuntimeError(f"runner modes built different numbers of examples: {examples_by_mode}")
+    row["examples"] = examples_by_mode["1p"]
+    shards = glob.glob(f"{out}/examples/date={build_day}/part-*")
+    row["example_bytes"] = sum(os.path.getsize(path) for path in shards)
+    with open(f"{out}/histories/date={dates[-1]}/summary.json") as handle:
+        row["histories_summary_totals"] = json.load(handle)["totals"]
+    print(f"[{users} users] floor ...", flush=True)
+    row["floor"] = floor_seconds(event_files(out, dates), f"{root}/floor", row["examples"], row["example_bytes"],
+                                 floor_repeats)
+    shutil.rmtree(root, ignore_errors=True)
     return row
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--users", default="500,2000,8000")
-    parser.add_argument("--days", type=int, default=3)
-    parser.add_argument("--small", action="store_true", help="sizes 200,800 (for bench.run_all)")
-    args = parser.parse_args(argv)
-    sizes = [200, 800] if args.small else [int(u) for u in args.users.split(",")]
-    rows = [bench_size(users, args.days) for users in sizes]
+def strip_log(measured: dict) -> dict:
+    return {k: v for k, v in measured.items() if k != "log"}
 
-    print(f"{'users':>7}{'events':>9}{'hist ev/s 1p':>14}{'hist ev/s 2p':>14}{'examples':>10}{'ex/s 1p':>9}"
-          f"{'ex/s 2p':>9}{'RSS 1p MiB':>12}{'RSS 2p MiB':>12}{'build/floor':>13}")
+
+def linear_fit(events, seconds):
+    """Least squares seconds = fixed + per_event * events; (fixed s, microseconds per event)."""
+    if len(events) < 2:
+        return float("nan"), float("nan")
+    slope, intercept = np.polyfit(np.asarray(events, float), np.asarray(seconds, float), 1)
+    return float(intercept), float(slope * 1e6)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", default="500,2000,8000", help="comma-separated sizes (users), smallest first")
+    parser.add_argument("--days", type=int, default=3, help="days of data (>= 3: day 2 needs days 1 and 3)")
+    parser.add_argument("--sid-kind", choices=("rq_kmeans", "rqvae"), default="rq_kmeans",
+                        help="SID model for the setup (rqvae: 300 steps)")
+    parser.add_argument("--floor-repeats", type=int, default=3)
+    parser.add_argument("--workdir", default=None, help="parent directory of the per-size work dirs (default: tmp)")
+    parser.add_argument("--small", action="store_true", help=f"sizes {SMALL_USERS} (for bench.run_all)")
+    args = parser.parse_args(argv)
+    sizes = sorted(int(u) for u in (SMALL_USERS if args.small else args.users).split(","))
+    if args.days < 3:
+        parser.error("--days must be at least 3")
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
+
+    started = time.perf_counter()
+    print(f"{machine_line()}; sizes {sizes} users x {args.days} days; SID model {args.sid_kind} 3x256", flush=True)
+    rows = [bench_size(users, args.days, args.sid_kind, args.floor_repeats, args.workdir) for users in sizes]
+    total_s = time.perf_counter() - started
+
+    for label in RUNNERS:
+        key = "1p" if label == "1 process" else "2p"
+        print(f"\n== {label} ({' '.join(RUNNERS[label])}) ==")
+        table = []
+        for r in rows:
+            h, e = r[f"histories_{key}"], r[f"examples_{key}"]
+            table.append([f"{r['users']:,}", f"{r['events']:,}", f"{h['run_s']:.1f}", f"{r['events'] / h['run_s']:,.0f}",
+                          f"{h['cpu_s']:.0f}", f"{h['peak_tree_rss_mib']:,.0f}", f"{r['examples']:,}",
+                          f"{e['run_s']:.1f}", f"{r['examples'] / e['run_s']:,.1f}", f"{r['events'] / e['run_s']:,.0f}",
+                          f"{e['cpu_s']:.0f}", f"{e['peak_tree_rss_mib']:,.0f}",
+                          f"{h['import_s']:.0f}/{e['import_s']:.0f}"])
+        print_table(["users", "input events", "hist s", "hist events/s", "hist CPU s", "hist RSS MiB", "examples",
+                     "build s", "examples/s", "build events/s", "build CPU s", "build RSS MiB", "imports s h/b"],
+                    table)
+
+    print("\n== floor: read the validated watch/search Parquet (pyarrow) + write the examples' bytes as gzip "
+          "TFRecords ==")
+    table = []
     for r in rows:
-        print(f"{r['users']:>7}{r['events']:>9}{r['events'] / r['histories_single_s']:>14,.0f}"
-              f"{r['events'] / r['histories_2proc_s']:>14,.0f}{r['examples']:>10}"
-              f"{r['examples'] / r['examples_single_s']:>9,.1f}{r['examples'] / r['examples_2proc_s']:>9,.1f}"
-              f"{max(r['histories_single_rss_mib'], r['examples_single_rss_mib']):>12,.0f}"
-              f"{max(r['histories_2proc_rss_mib'], r['examples_2proc_rss_mib']):>12,.0f}"
-              f"{r['examples_single_s'] / r['floor_s']:>13.1f}")
-    small, large = rows[0], rows[-1]
-    ratios = {
-        "histories_cost_per_event_ratio": (large["histories_single_s"] / large["events"])
-        / (small["histories_single_s"] / small["events"]),
-        "examples_cost_per_event_ratio": (large["examples_single_s"] / large["build_day_events"])
-        / (small["examples_single_s"] / small["build_day_events"]),
-    }
-    print(f"per-event cost, largest/smallest size: update_histories {ratios['histories_cost_per_event_ratio']:.2f}, "
-          f"build_examples {ratios['examples_cost_per_event_ratio']:.2f} (1 = linear; fixed start-up costs "
-          "weigh more at small sizes, so values below 1 are expected)")
-    print("RESULT " + json.dumps({"bench": "examples_pipeline", "rows": rows, **ratios}))
+        f = r["floor"]
+        table.append([f"{r['users']:,}", f"{f['rows_read']:,}", f"{r['examples']:,}",
+                      f"{r['example_bytes'] / 2**20:,.2f}", f"{f['read_s']:.3f}", f"{f['write_s']:.3f}",
+                      f"{f['floor_s']:.3f}", f"{r['examples_1p']['run_s'] / f['floor_s']:,.0f}x",
+                      f"{r['examples_2p']['run_s'] / f['floor_s']:,.0f}x"])
+    print_table(["users", "rows read", "records", "MiB written", "read s", "write s", "floor s",
+                 "build 1p / floor", "build 2p / floor"], table)
+
+    print(f"\n== scaling, {sizes[0]:,} -> {sizes[-1]:,} users ==")
+    scaling, table = {}, []
+    for pipeline in ("histories", "examples"):
+        for key, label in (("1p", "1 process"), ("2p", "2 processes")):
+            name = f"{pipeline}_{key}"
+            small, large = rows[0], rows[-1]
+            run_ratio = (large[name]["run_s"] / large["events"]) / (small[name]["run_s"] / small["events"])
+            cpu_ratio = (large[name]["cpu_s"] / large["events"]) / (small[name]["cpu_s"] / small["events"])
+            fixed, per_event = linear_fit([r["events"] for r in rows], [r[name]["run_s"] for r in rows])
+            fixed_cpu, per_event_cpu = linear_fit([r["events"] for r in rows], [r[name]["cpu_s"] for r in rows])
+            scaling[name] = {"cost_per_event_ratio": run_ratio, "cpu_per_event_ratio": cpu_ratio,
+                             "fit_fixed_s": fixed, "fit_us_per_event": per_event, "fit_fixed_cpu_s": fixed_cpu,
+                             "fit_cpu_us_per_event": per_event_cpu}
+            marginal = ""
+            if len(rows) >= 3:
+                a, b, c = rows[-3], rows[-2], rows[-1]
+                first = (b[name]["run_s"] - a[name]["run_s"]) / (b["events"] - a["events"])
+                last = (c[name]["run_s"] - b[name]["run_s"]) / (c["events"] - b["events"])
+                scaling[name]["marginal_cost_ratio"] = last / first if first > 0 else float("nan")
+                marginal = f"{scaling[name]['marginal_cost_ratio']:.2f}"
+            table.append([f"{'update_histories' if pipeline == 'histories' else 'build_examples'}, {label}",
+                          f"{run_ratio:.2f}", f"{cpu_ratio:.2f}", marginal, f"{fixed:.1f}", f"{per_event:.0f}",
+                          f"{fixed_cpu:.1f}", f"{per_event_cpu:.0f}"])
+    print_table(["pipeline", "cost/event L/S", "CPU/event L/S", "marginal L/M", "fit fixed s", "fit us/event",
+                 "fit fixed CPU s", "fit CPU us/event"], table)
+    print("cost/event L/S: (run s per input event at the largest size) / (at the smallest); 1 = linear. "
+          "marginal L/M: seconds per extra event between the two largest sizes / between the two before; "
+          "fit: least squares over all sizes (run s, and CPU s of the process tree).")
+    print(f"total benchmark time {total_s / 60:.1f} min")
+    print(result_line("examples_pipeline", {"sizes": sizes, "days": args.days, "rows": rows, "scaling": scaling,
+                                            "total_s": total_s}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

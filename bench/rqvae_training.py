@@ -4,7 +4,7 @@ The synthetic catalogue is hierarchical (top clusters, sub-clusters, isotropic n
 structure to find. Prints items, steps, seconds and items/s for training, then the encode throughput of
 ``jax.jit(model.encode)`` on the whole catalogue in one call and of ``model.encode_batched`` (8,192-row batches).
 
-    .venv/bin/python bench/rqvae_training.py [--items 100000] [--dim 64] [--steps 3000] [--batch-size 1024]
+    .venv/bin/python bench/rqvae_training.py [--items 100000] [--dim 64] [--steps 3000] [--batch-size 1024] [--small]
 """
 from __future__ import annotations
 
@@ -51,7 +51,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--small", action="store_true", help="20,000 items, 300 steps (for bench.run_all)")
     args = parser.parse_args()
+    if args.small:
+        args.items, args.steps = 20_000, 300
 
     embeddings = synthetic_items(args.items, args.dim, args.seed)
     config = RQVAEConfig(input_dim=args.dim, levels=args.levels, codebook_size=args.codebook_size,

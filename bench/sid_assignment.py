@@ -26,6 +26,7 @@ import argparse
 import datetime as dt
 import glob
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -91,11 +92,12 @@ def fit_model(embeddings: np.ndarray, kind: str, steps: int, seed: int):
 
 
 def time_bare(model, embeddings: np.ndarray, batch_size: int, repeats: int):
+    """([(wall s, CPU s of this process, all threads)] per repeat, codes)."""
     timings = []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         codes = model.encode_batched(embeddings, batch_size=batch_size)
-        timings.append(time.perf_counter() - started)
+        timings.append((time.perf_counter() - started, time.process_time() - started_cpu))
     return timings, codes
 
 
@@ -106,7 +108,7 @@ def ragged_batch_probe(model, embeddings: np.ndarray, batch_size: int):
     probes = []
     for rows in (batch_size // 2 + 1, batch_size // 4 + 3, 7):
         rows = min(rows, len(embeddings))
-        first, repeat = (time_bare(model, embeddings[:rows], batch_size, 1)[0][0] for _ in range(2))
+        first, repeat = (time_bare(model, embeddings[:rows], batch_size, 1)[0][0][0] for _ in range(2))
         probes.append({"rows": rows, "first_s": first, "repeat_s": repeat})
     return probes
 
@@ -115,13 +117,25 @@ def run_assign(root: str, validated_root: str, model_dir: str, dim: int, batch_s
     from transforms import schemas
 
     out = f"{root}/out_{tag}"
+    # JAX_LOG_COMPILES only logs (at WARNING, which the job's console shows): every compilation of the encoder, in
+    # the job's process and in SDK worker processes, with its shapes and seconds.
     measured = run_job("pipelines.assign_sids", f"--date={DAY}", f"--output_root={out}",
                        f"--validated_root={validated_root}", f"--sid_model={model_dir}", f"--embedding_dim={dim}",
-                       f"--inference_batch_size={batch_size}", *runner)
+                       f"--inference_batch_size={batch_size}", *runner, extra_env={"JAX_LOG_COMPILES": "1"})
+    log = measured.pop("log")
+    measured["encode_compiles"] = len(re.findall(r"Compiling jit\(_encode\)", log))
+    # The embeddings are the last argument: the last float32[rows,dim] of each line is the batch shape.
+    measured["encode_batch_shapes"] = len({re.findall(r"float32\[(\d+),\d+\]", line)[-1]
+                                           for line in log.splitlines() if "Compiling jit(_encode)" in line})
+    measured["encode_compile_s"] = sum(float(x) for x in re.findall(
+        r"(?:Finished tracing _encode for jit|Finished jaxpr to MLIR module conversion jit\(_encode\)|"
+        r"Finished XLA compilation of jit\(_encode\)) in ([0-9.]+) sec", log))
     summary = json_load(f"{schemas.partition_dir(out, schemas.VIDEO_SIDS, DAY)}/summary.json")
+    table = summary["tables"]
     measured["mode"] = summary["mode"]
-    measured["rows_out"] = summary["tables"][schemas.VIDEO_SIDS][DAY.isoformat()]["rows_out"]
-    measured["encoded"] = summary["tables"][schemas.VIDEOS][DAY.isoformat()]["rows_out"]
+    measured["rows_out"] = table[schemas.VIDEO_SIDS][DAY.isoformat()]["rows_out"]
+    measured["dead"] = table[schemas.VIDEO_SIDS][DAY.isoformat()].get("rows_dead", 0)
+    measured["encoded"] = table[schemas.VIDEOS][DAY.isoformat()]["rows_out"]
     measured["sids"] = read_sids(out)
     shutil.rmtree(out)
     return measured
@@ -140,8 +154,7 @@ def read_sids(out: str):
     directory = schemas.partition_dir(out, schemas.VIDEO_SIDS, DAY)
     table = pa.concat_tables([pq.read_table(path, columns=["video_id", "sid"])
                               for path in sorted(glob.glob(f"{directory}/part-*.parquet"))])
-    order = np.argsort(np.asarray(table["video_id"].to_pylist()))
-    return np.asarray(table["sid"].to_pylist(), dtype=np.int32)[order]
+    return dict(zip(table["video_id"].to_pylist(), table["sid"].to_pylist()))
 
 
 def main(argv=None) -> int:
@@ -198,62 +211,90 @@ def main(argv=None) -> int:
     bare_after, _ = time_bare(model, embeddings, args.batch_size, args.repeats)
     ragged = ragged_batch_probe(model, embeddings, args.batch_size)
 
-    # The pipeline's SIDs must be the bare function's SIDs, and it must have run in full mode on every item.
+    # Every item read, encoded in full mode, written or dead-lettered (more than --max_disambiguation_codes videos on
+    # one full SID), and the written SIDs are the bare function's SIDs.
     for (label, size), measured in beam.items():
-        assert measured["mode"] == "full" and measured["rows_out"] == size == measured["encoded"], measured
-        assert np.array_equal(measured["sids"], codes[:size]), f"{label}: pipeline SIDs differ from encode_batched"
+        assert measured["mode"] == "full", measured["mode"]
+        assert measured["encoded"] == size == measured["rows_out"] + measured["dead"], (label, size, measured)
+        sids = measured.pop("sids")
+        assert len(sids) == measured["rows_out"]
+        mismatched = [v for v, sid in sids.items() if list(sid) != codes[int(v[1:])].tolist()]
+        assert not mismatched, f"{label}: pipeline SIDs differ from encode_batched for {mismatched[:5]}"
 
-    bare_s = min(bare_before + bare_after)
-    bare_rate = args.items / bare_s
-    headers = ["path", "items", "seconds", "items/s", "bare/this", "CPU s", "peak RSS MiB"]
-    rows = [[f"bare JAX encode_batched (batch {args.batch_size})", f"{args.items:,}", f"{bare_s:.3f}",
-             f"{bare_rate:,.0f}", "1.0x", "", ""]]
+    bare_s, bare_cpu_s = min(t for t, _ in bare_before + bare_after), min(c for _, c in bare_before + bare_after)
+    bare_rate, bare_cpu_rate = args.items / bare_s, args.items / max(bare_cpu_s, 1e-9)
     result = {"items": args.items, "tiny_items": args.tiny_items, "kind": args.kind, "dim": args.dim,
-              "batch_size": args.batch_size, "bare_jax_s": bare_s, "bare_jax_items_per_s": bare_rate,
-              "bare_jax_all_s": bare_before + bare_after, "load_avg_1min": os.getloadavg()[0]}
+              "batch_size": args.batch_size, "bare_jax_s": bare_s, "bare_jax_cpu_s": bare_cpu_s,
+              "bare_jax_items_per_s": bare_rate, "bare_jax_items_per_cpu_s": bare_cpu_rate,
+              "bare_jax_all_s": [t for t, _ in bare_before + bare_after], "load_avg_1min": os.getloadavg()[0]}
+    headers = ["path", "items", "seconds", "items/s", "bare/this", "CPU s", "items/CPU s", "bare/this CPU",
+               "encoder compiles", "compile s", "peak RSS MiB"]
+    rows = [[f"bare JAX encode_batched (batch {args.batch_size}, warm)", f"{args.items:,}", f"{bare_s:.3f}",
+             f"{bare_rate:,.0f}", "1x", f"{bare_cpu_s:.3f}", f"{bare_cpu_rate:,.0f}", "1x", "0", "", ""]]
     for label in RUNNERS:
         key = "beam_single" if label == "1 process" else "beam_2proc"
         big = beam[(label, args.items)]
-        rate = args.items / big["run_s"]
-        rows.append([f"Beam assign_sids, {label}: job run", f"{args.items:,}", f"{big['run_s']:.2f}",
-                     f"{rate:,.0f}", f"{bare_rate / rate:,.0f}x", f"{big['cpu_s']:.1f}",
+        rate, cpu_rate = args.items / big["run_s"], args.items / big["cpu_s"]
+        rows.append([f"Beam assign_sids, {label}: job run", f"{args.items:,}", f"{big['run_s']:.2f}", f"{rate:,.0f}",
+                     f"{bare_rate / rate:,.0f}x", f"{big['cpu_s']:.1f}", f"{cpu_rate:,.0f}",
+                     f"{bare_cpu_rate / cpu_rate:,.0f}x",
+                     f"{big['encode_compiles']} ({big['encode_batch_shapes']} shapes)", f"{big['encode_compile_s']:.1f}",
                      f"{big['peak_tree_rss_mib']:,.0f}"])
-        rows.append([f"  same, process wall (+{big['import_s']:.1f} s start-up/imports)", f"{args.items:,}",
-                     f"{big['wall_s']:.2f}", f"{args.items / big['wall_s']:,.0f}",
-                     f"{bare_rate * big['wall_s'] / args.items:,.0f}x", "", ""])
+        rows.append([f"  process wall (+{big['wall_s'] - big['run_s']:.1f} s start-up, imports, exit)",
+                     f"{args.items:,}", f"{big['wall_s']:.2f}", f"{args.items / big['wall_s']:,.0f}",
+                     f"{bare_rate * big['wall_s'] / args.items:,.0f}x", "", "", "", "", "", ""])
         result.update({f"{key}_run_s": big["run_s"], f"{key}_wall_s": big["wall_s"], f"{key}_cpu_s": big["cpu_s"],
-                       f"{key}_items_per_s": rate, f"{key}_peak_tree_rss_mib": big["peak_tree_rss_mib"],
-                       f"bare_over_{key}": bare_rate / rate})
+                       f"{key}_items_per_s": rate, f"{key}_items_per_cpu_s": cpu_rate,
+                       f"{key}_peak_tree_rss_mib": big["peak_tree_rss_mib"], f"bare_over_{key}": bare_rate / rate,
+                       f"bare_over_{key}_cpu": bare_cpu_rate / cpu_rate, f"{key}_dead": big["dead"],
+                       f"{key}_encode_compiles": big["encode_compiles"],
+                       f"{key}_encode_batch_shapes": big["encode_batch_shapes"],
+                       f"{key}_encode_compile_s": big["encode_compile_s"]})
+        if label == "1 process":
+            # One process: the compilations run on the job's critical path, so subtracting them estimates the job
+            # with one compiled batch shape (what the handler intends). Not done for 2 processes, where the workers
+            # compile in parallel.
+            without = big["run_s"] - big["encode_compile_s"]
+            rows.append(["  job run minus encoder compile time (estimate)", f"{args.items:,}", f"{without:.2f}",
+                         f"{args.items / without:,.0f}", f"{bare_rate * without / args.items:,.0f}x", "", "", "", "",
+                         "", ""])
+            result[f"{key}_items_per_s_without_compiles"] = args.items / without
         if args.tiny_items:
             tiny = beam[(label, args.tiny_items)]
-            extra_s = big["run_s"] - tiny["run_s"]
+            extra_s, extra_cpu = big["run_s"] - tiny["run_s"], big["cpu_s"] - tiny["cpu_s"]
             marginal = (args.items - args.tiny_items) / extra_s if extra_s > 0 else float("inf")
-            rows.append([f"  fixed cost: same job on {args.tiny_items:,} items", f"{args.tiny_items:,}",
-                         f"{tiny['run_s']:.2f}", f"{args.tiny_items / tiny['run_s']:,.0f}", "",
-                         f"{tiny['cpu_s']:.1f}", f"{tiny['peak_tree_rss_mib']:,.0f}"])
-            rows.append([f"  marginal ({args.items:,} - {args.tiny_items:,} items)",
+            rows.append([f"  fixed cost: the same job on {args.tiny_items:,} items", f"{args.tiny_items:,}",
+                         f"{tiny['run_s']:.2f}", f"{args.tiny_items / tiny['run_s']:,.0f}", "", f"{tiny['cpu_s']:.1f}",
+                         "", "", f"{tiny['encode_compiles']} ({tiny['encode_batch_shapes']} shapes)",
+                         f"{tiny['encode_compile_s']:.1f}", f"{tiny['peak_tree_rss_mib']:,.0f}"])
+            rows.append([f"  marginal: ({args.items:,} - {args.tiny_items:,} items) / (difference)",
                          f"{args.items - args.tiny_items:,}", f"{extra_s:.2f}", f"{marginal:,.0f}",
-                         f"{bare_rate / marginal:,.0f}x", f"{big['cpu_s'] - tiny['cpu_s']:.1f}", ""])
-            result.update({f"{key}_tiny_run_s": tiny["run_s"], f"{key}_marginal_items_per_s": marginal,
-                           f"bare_over_{key}_marginal": bare_rate / marginal})
+                         f"{bare_rate / marginal:,.0f}x", f"{extra_cpu:.1f}",
+                         f"{(args.items - args.tiny_items) / extra_cpu:,.0f}" if extra_cpu > 0 else "", "", "", "", ""])
+            result.update({f"{key}_tiny_run_s": tiny["run_s"], f"{key}_tiny_cpu_s": tiny["cpu_s"],
+                           f"{key}_marginal_items_per_s": marginal, f"bare_over_{key}_marginal": bare_rate / marginal})
     print()
     print_table(headers, rows)
-    print(f"\nbare JAX timings (s), {args.repeats} before and {args.repeats} after the Beam runs: "
-          + ", ".join(f"{t:.3f}" for t in bare_before + bare_after))
+    print(f"\nbare JAX wall seconds, {args.repeats} before and {args.repeats} after the Beam runs (best is shown): "
+          + ", ".join(f"{t:.3f}" for t, _ in bare_before + bare_after))
     print("seconds: the job's own run time (python -m pipelines.assign_sids minus interpreter start-up and imports); "
-          "CPU s and RSS: the whole process tree (SDK worker processes included)")
+          "CPU s and RSS: the whole process tree (SDK worker processes included); encoder compiles: 'Compiling "
+          "jit(_encode)' lines logged with JAX_LOG_COMPILES=1 in all of the job's processes, compile s: their "
+          "tracing + lowering + XLA compilation seconds")
+    dead = {label: beam[(label, args.items)]["dead"] for label in RUNNERS}
+    print(f"dead-lettered (sid_collision_overflow: more videos on one full SID than disambiguation codes): {dead}")
     print(f"ragged batches (encode_batched(x[:n], batch_size={args.batch_size}) for lengths not seen before), "
           "first call / repeat: " + ", ".join(f"n={p['rows']}: {p['first_s'] * 1e3:.0f} / {p['repeat_s'] * 1e3:.1f} ms"
                                               for p in ragged))
     recompiles = all(p["first_s"] > 10 * p["repeat_s"] + 0.05 for p in ragged)
     if recompiles:
-        print("  -> every new batch length compiles again (the tail is not padded to batch_size), and RunInference's "
-              "batches vary in length: the pipeline pays compilations the bare run does not")
+        print("  -> encode_batched compiles again for every batch shorter than batch_size that has a new length (it "
+              "pads only a tail after full batches), and RunInference hands the handler batches of many lengths")
     result["ragged_batches"] = ragged
     result["recompiles_per_batch_length"] = recompiles
-    print(f"ratio bare JAX / Beam (1 process, job run): {result['bare_over_beam_single']:,.0f}x; "
-          f"2 processes vs 1 process: {result['beam_2proc_items_per_s'] / result['beam_single_items_per_s']:.2f}x "
-          "items/s")
+    print(f"ratio bare JAX / Beam 1 process: {result['bare_over_beam_single']:,.0f}x (wall), "
+          f"{result['bare_over_beam_single_cpu']:,.0f}x (CPU); 2 processes / 1 process items/s: "
+          f"{result['beam_2proc_items_per_s'] / result['beam_single_items_per_s']:.2f}x")
     print(result_line("sid_assignment", result))
     if not args.workdir:
         shutil.rmtree(root, ignore_errors=True)

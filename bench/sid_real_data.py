@@ -6,7 +6,7 @@ normalized entropy, unique SIDs and full-SID collision rate, reconstruction MSE,
 two items sharing a first-level code (or a first-two-level prefix) share at least one genre, against all item
 pairs (the random-pair baseline). With only 3,416 items, 3 x 256 codes is a loose fit, so 3 x 64 is reported too.
 
-    .venv/bin/python bench/sid_real_data.py [--items PATH] [--steps 2000] [--seed 0]
+    .venv/bin/python bench/sid_real_data.py [--items PATH] [--steps 2000] [--seed 0] [--small]
 """
 from __future__ import annotations
 
@@ -80,7 +80,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2000, help="RQ-VAE training steps")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--small", action="store_true", help="300 RQ-VAE steps (for bench.run_all)")
     args = parser.parse_args()
+    if args.small:
+        args.steps = 300
 
     if not args.items.exists():
         print(f"SKIP: MovieLens items not found at {args.items.resolve()} (../shared/data is not mounted); "

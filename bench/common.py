@@ -1,0 +1,163 @@
+"""Shared helpers for the benchmarks: run a job as a measured subprocess, print tables, the RESULT line.
+
+``run_job("pipelines.update_histories", *args)`` runs ``python -m bench.common pipelines.update_histories args``,
+which executes the job exactly as ``python -m pipelines.update_histories args`` would (``runpy`` as ``__main__``),
+with ``pipelines.cli.run_main`` wrapped so that start-up and imports are timed apart from the job itself. The
+parent measures, for the whole process tree (multi-process runners start SDK worker processes):
+
+- ``wall_s``: the subprocess from start to exit; ``run_s``: the job's ``main`` alone (reported by the child);
+  ``import_s``: from the wrapper's start to the job's ``run_main`` (imports; the interpreter's own start-up is in
+  ``wall_s`` only);
+- ``cpu_s``: user + system CPU seconds of every process of the tree (``os.wait4`` of the child, which includes the
+  descendants it reaped, or the sum of the last CPU times polled per process, whichever is larger). On a shared
+  machine CPU seconds are less sensitive to other load than wall time;
+- ``peak_tree_rss_mib``: the peak of the summed RSS of the tree, polled every ``poll_s`` seconds (pages shared
+  between processes count once per process); ``max_process_rss_mib``: the largest single process's peak RSS (``ru_maxrss`` from
+  ``os.wait4``, which covers the child and the descendants it reaped).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+FNAPI = ["--runner=FnApiRunner"]
+FNAPI_2PROC = ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+RUNNERS = {"1 process": FNAPI, "2 processes": FNAPI_2PROC}
+
+
+def child_env() -> Dict[str, str]:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+def run_job(module: str, *args: str, poll_s: float = 0.1, timeout_s: Optional[float] = None,
+            extra_env: Optional[Dict[str, str]] = None) -> Dict[str, float]:
+    """Runs ``module`` (a ``python -m`` entry point) with ``args`` in a measured subprocess; see the module doc.
+    The result's ``log`` holds the job's stdout and stderr (SDK worker processes write theirs there too)."""
+    import psutil
+
+    with tempfile.TemporaryDirectory(prefix="bench_job_") as scratch:
+        timings_path = os.path.join(scratch, "timings.json")
+        log_path = os.path.join(scratch, "log.txt")
+        command = [PYTHON, "-m", "bench.common", module, timings_path, *args]
+        with open(log_path, "w") as log:
+            started = time.perf_counter()
+            process = subprocess.Popen(command, cwd=REPO, env={**child_env(), **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT)
+            root = psutil.Process(process.pid)
+            peak_tree, cpu_by_pid, status, usage = 0, {}, None, None
+            while True:
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                if pid:
+                    break
+                try:
+                    tree = [root] + root.children(recursive=True)
+                except psutil.Error:
+                    tree = []
+                rss = 0
+                for member in tree:
+                    try:
+                        with member.oneshot():
+                            rss += member.memory_info().rss
+                            times = member.cpu_times()
+                            cpu_by_pid[(member.pid, member.create_time())] = times.user + times.system
+                    except psutil.Error:
+                        pass
+                peak_tree = max(peak_tree, rss)
+                if timeout_s and time.perf_counter() - started > timeout_s:
+                    process.kill()
+                time.sleep(poll_s)
+            wall = time.perf_counter() - started
+            process.returncode = os.waitstatus_to_exitcode(status)
+        log_text = Path(log_path).read_text(errors="replace")
+        if process.returncode != 0:
+            raise JobFailed(f"{module} {' '.join(args)} exited with {process.returncode}:\n{log_text[-4000:]}")
+        timings = json.loads(Path(timings_path).read_text())
+    waited_cpu = usage.ru_utime + usage.ru_stime
+    return {"wall_s": wall, "run_s": timings["run_s"], "import_s": timings["import_s"],
+            "cpu_s": max(waited_cpu, sum(cpu_by_pid.values())),
+            "peak_tree_rss_mib": peak_tree / 2**20, "max_process_rss_mib": usage.ru_maxrss / 1024,
+            "processes_seen": len(cpu_by_pid), "log": log_text}
+
+
+def _child(module: str, timings_path: str, argv: List[str]) -> None:
+    """The subprocess side of :func:`run_job`: run ``module`` as ``python -m`` would (``runpy`` as ``__main__``).
+
+    Every entry point ends in ``pipelines.cli.run_main(main)``; that function is wrapped here so the time spent
+    before it (interpreter start-up, imports) and in it (the job) are told apart.
+    """
+    import runpy
+
+    from pipelines import cli
+
+    marks = {}
+    original = cli.run_main
+
+    def timed_run_main(main, argv=None):
+        marks["called"] = time.perf_counter()
+        try:
+            original(main, argv)
+        finally:
+            marks["returned"] = time.perf_counter()
+
+    cli.run_main = timed_run_main
+    sys.argv = [module, *argv]
+    code = 0
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    if "returned" not in marks:
+        raise RuntimeError(f"{module} did not call pipelines.cli.run_main")
+    Path(timings_path).write_text(json.dumps({"import_s": marks["called"] - _STARTED,
+                                              "run_s": marks["returned"] - marks["called"]}))
+    sys.exit(code)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence], first_width: Optional[int] = None) -> None:
+    """Left-aligned first column, right-aligned others; cells already formatted as strings."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) + 2 for i, h in enumerate(headers)]
+    if first_width:
+        widths[0] = max(widths[0], first_width)
+    print(str(headers[0]).ljust(widths[0]) + "".join(str(h).rjust(w) for h, w in zip(headers[1:], widths[1:])))
+    for row in cells:
+        print(row[0].ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(row[1:], widths[1:])))
+
+
+def machine_line() -> str:
+    load = os.getloadavg()
+    return (f"{os.cpu_count()} CPU cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+            "(1/5/15 min; other work on the machine makes wall times noisy, CPU seconds less so)")
+
+
+def result_line(bench: str, payload: Dict) -> str:
+    return "RESULT " + json.dumps({"bench": bench, **payload}, default=_jsonable, sort_keys=True)
+
+
+def _jsonable(value):
+    try:
+        import numpy as np
+
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        if isinstance(value, np.generic):
+            return value.item()
+    except ImportError:  # pragma: no cover
+        pass
+    return float(value)
+
+
+if __name__ == "__main__":
+    _STARTED = time.perf_counter()
+    _child(sys.argv[1], sys.argv[2], sys.argv[3:])

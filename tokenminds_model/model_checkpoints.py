@@ -1,0 +1,243 @@
+"""Save and load user-model checkpoints without pickle: orbax for arrays, JSON for everything else.
+
+Checkpoint layout (``directory`` local or anything etils ``epath`` understands, e.g. ``gs://``)::
+
+    <directory>/
+      model_config.json   written LAST (its presence marks a complete save):
+                          {"format": "tokenminds.user_model", "format_version": 1,
+                           "version": "tm-<16 hex>",          content hash of config JSON + every parameter's bytes
+                           "parent_version": "tm-..." | null, the checkpoint this one was trained from
+                           "step": N,                         global optimizer steps so far
+                           "state_digest": "<16 hex>",        hash of the optimizer state (checked on resume)
+                           "config": {...ModelConfig...},
+                           "vocabulary": {...vocabulary.json manifest...},
+                           "feature_spec": {...feature_spec.json...},
+                           "training_days": ["2026-01-02", ...],   every day trained on, parent's first
+                           "runs": [{...one entry per training run: days, steps, hyper-parameters, loss,
+                                     throughput...}],
+                           "param_shapes": {"['encoder']['token_embedding']['embedding']": {...}, ...},
+                           "num_params": ...}
+      params/             orbax StandardCheckpointer: the parameter pytree (float32)
+      train_state/        orbax StandardCheckpointer: {"opt_state": optax state}
+      tensorboard/        (written by the trainer) TensorBoard scalars
+
+Loading validates the JSON, restores into the structure rebuilt from the config (and the optimizer), then recomputes
+the version (and the optimizer state digest): a missing, truncated or edited checkpoint fails at once with a
+:class:`CheckpointError` naming the directory, never with a silently different model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from tokenminds_model.model import ModelConfig, Params, count_params, model_functions
+from tokenminds_model.vocabulary import VocabularyLayout
+
+CONFIG_FILENAME = "model_config.json"
+PARAMS_DIRNAME = "params"
+TRAIN_STATE_DIRNAME = "train_state"
+TENSORBOARD_DIRNAME = "tensorboard"
+CHECKPOINT_FORMAT = "tokenminds.user_model"
+CHECKPOINT_FORMAT_VERSION = 1
+# What a checkpoint directory may contain; anything else means it is not (only) ours and is never deleted.
+CHECKPOINT_ENTRIES = (CONFIG_FILENAME, CONFIG_FILENAME + ".tmp", PARAMS_DIRNAME, TRAIN_STATE_DIRNAME,
+                      TENSORBOARD_DIRNAME)
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A model checkpoint that is missing, incomplete, corrupt or inconsistent with its own model_config.json."""
+
+
+def as_path(directory: PathLike) -> epath.Path:
+    text = os.fspath(directory)
+    # orbax wants absolute paths; leave URLs (gs://...) alone.
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def _tree_digest(tree: Any, digest: "hashlib._Hash") -> None:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        array = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+
+
+def compute_version(config: ModelConfig, params: Params) -> str:
+    """Content hash of the config JSON and every parameter's path, dtype, shape and bytes: ``tm-<16 hex>``."""
+    digest = hashlib.sha256()
+    digest.update(config.to_json().encode())
+    _tree_digest(params, digest)
+    return f"tm-{digest.hexdigest()[:16]}"
+
+
+def state_digest(opt_state: Any) -> str:
+    digest = hashlib.sha256()
+    _tree_digest(opt_state, digest)
+    return digest.hexdigest()[:16]
+
+
+def _param_shapes_json(params: Params) -> Dict[str, Dict[str, Any]]:
+    return {jax.tree_util.keystr(path): {"shape": list(np.shape(leaf)), "dtype": np.dtype(leaf.dtype).name}
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def save_model_checkpoint(directory: PathLike, *, config: ModelConfig, params: Params, opt_state: Any, step: int,
+                          layout: VocabularyLayout, feature_spec: Mapping[str, Any],
+                          parent_version: Optional[str] = None, training_days: Sequence[str] = (),
+                          runs: Sequence[Mapping[str, Any]] = ()) -> Dict[str, Any]:
+    """Write a checkpoint to ``directory`` (created if needed; an existing checkpoint there is replaced).
+
+    ``model_config.json`` is removed first and written last, so an interrupted save is detected as incomplete.
+    Returns the JSON document written.
+    """
+    path = as_path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    config_path = path / CONFIG_FILENAME
+    if config_path.exists():
+        config_path.unlink()  # the old document must not describe the new arrays while they are written
+    host_params = jax.tree.map(lambda leaf: np.asarray(jax.device_get(leaf)), params)
+    host_opt_state = jax.tree.map(lambda leaf: np.asarray(jax.device_get(leaf)), opt_state)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path / PARAMS_DIRNAME, host_params, force=True)
+        checkpointer.save(path / TRAIN_STATE_DIRNAME, {"opt_state": host_opt_state}, force=True)
+        checkpointer.wait_until_finished()
+    document = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "version": compute_version(config, host_params),
+        "parent_version": parent_version,
+        "step": int(step),
+        "state_digest": state_digest(host_opt_state),
+        "config": config.to_dict(),
+        "vocabulary": layout.to_manifest(),
+        "feature_spec": dict(feature_spec),
+        "training_days": list(training_days),
+        "runs": [dict(run) for run in runs],
+        "param_shapes": _param_shapes_json(host_params),
+        "num_params": count_params(host_params),
+    }
+    temporary = path / (CONFIG_FILENAME + ".tmp")
+    temporary.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    temporary.rename(config_path)
+    return document
+
+
+def read_checkpoint_document(directory: PathLike) -> Dict[str, Any]:
+    """Parse and validate ``<directory>/model_config.json``; raises naming the directory on any problem."""
+    path = as_path(directory)
+    if not path.exists():
+        raise FileNotFoundError(f"model checkpoint directory does not exist: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"model checkpoint path is not a directory: {path}")
+    config_path = path / CONFIG_FILENAME
+    if not config_path.exists():
+        raise CheckpointError(f"{path} has no {CONFIG_FILENAME}: not a model checkpoint, or an incomplete save")
+    try:
+        document = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"corrupt {CONFIG_FILENAME} in {path}: not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise CheckpointError(f"corrupt {CONFIG_FILENAME} in {path}: expected a JSON object")
+    if document.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{CONFIG_FILENAME} in {path} has format {document.get('format')!r}, expected "
+                              f"{CHECKPOINT_FORMAT!r}")
+    if document.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"{CONFIG_FILENAME} in {path} has format_version {document.get('format_version')!r}; "
+                              f"this code reads version {CHECKPOINT_FORMAT_VERSION}")
+    missing = [key for key in ("version", "step", "state_digest", "config", "vocabulary", "feature_spec",
+                               "training_days", "runs") if key not in document]
+    if missing:
+        raise CheckpointError(f"corrupt {CONFIG_FILENAME} in {path}: missing {missing}")
+    _parse(document, path)
+    return document
+
+
+def _parse(document: Mapping[str, Any], path: epath.Path) -> Tuple[ModelConfig, VocabularyLayout]:
+    try:
+        return ModelConfig.from_dict(document["config"]), VocabularyLayout.from_manifest(document["vocabulary"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"corrupt {CONFIG_FILENAME} in {path}: {error}") from None
+
+
+def _restore(path: epath.Path, name: str, target: Any) -> Any:
+    directory = path / name
+    if not directory.exists():
+        raise CheckpointError(f"{path} has {CONFIG_FILENAME} but no {name}/ directory")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(directory, target)
+    except Exception as error:  # orbax/tensorstore raise many types for missing or damaged files
+        raise CheckpointError(f"cannot restore {directory}: {type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}") from error
+    return jax.tree.map(np.asarray, restored)
+
+
+def _restore_params(path: epath.Path, document: Mapping[str, Any], config: ModelConfig) -> Params:
+    params = _restore(path, PARAMS_DIRNAME, model_functions(config).param_shapes())
+    version = compute_version(config, params)
+    if version != document["version"]:
+        raise CheckpointError(f"model checkpoint {path} does not match its {CONFIG_FILENAME}: recorded version "
+                              f"{document['version']!r}, restored params hash to {version!r}")
+    return params
+
+
+def load_model(checkpoint_dir: PathLike) -> Tuple[ModelConfig, Params, VocabularyLayout]:
+    """``(config, params, layout)`` of a checkpoint, params as host NumPy arrays, version verified.
+
+    For evaluation and batch inference: ``model_functions(config)`` gives the jit-able encode / user_embedding /
+    decode functions of these params.
+    """
+    path = as_path(checkpoint_dir)
+    document = read_checkpoint_document(path)
+    config, layout = _parse(document, path)
+    return config, _restore_params(path, document, config), layout
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainingCheckpoint:
+    """Everything needed to continue training: the JSON document, parsed config and layout, params, optimizer."""
+
+    document: Dict[str, Any]
+    config: ModelConfig
+    layout: VocabularyLayout
+    params: Params
+    opt_state: Any
+
+    @property
+    def step(self) -> int:
+        return int(self.document["step"])
+
+    @property
+    def version(self) -> str:
+        return self.document["version"]
+
+
+def restore_train_state(checkpoint_dir: PathLike,
+                        opt_state_shapes: Callable[[Params], Any]) -> TrainingCheckpoint:
+    """The checkpoint with its optimizer state, both verified against the recorded hashes.
+
+    ``opt_state_shapes(param_shapes)`` gives the optimizer state's structure (e.g. ``jax.eval_shape`` of the
+    optimizer's ``init``); the optimizer must have the same structure as the one that wrote the checkpoint.
+    """
+    path = as_path(checkpoint_dir)
+    document = read_checkpoint_document(path)
+    config, layout = _parse(document, path)
+    params = _restore_params(path, document, config)
+    target = {"opt_state": opt_state_shapes(model_functions(config).param_shapes())}
+    opt_state = _restore(path, TRAIN_STATE_DIRNAME, target)["opt_state"]
+    digest = state_digest(opt_state)
+    if digest != document["state_digest"]:
+        raise CheckpointError(f"optimizer state in {path} does not match its {CONFIG_FILENAME}: recorded digest "
+                              f"{document['state_digest']!r}, restored state hashes to {digest!r}")
+    return TrainingCheckpoint(document, config, layout, params, opt_state)

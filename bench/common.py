@@ -12,8 +12,12 @@ parent measures, for the whole process tree (multi-process runners start SDK wor
   descendants it reaped, or the sum of the last CPU times polled per process, whichever is larger). On a shared
   machine CPU seconds are less sensitive to other load than wall time;
 - ``peak_tree_rss_mib``: the peak of the summed RSS of the tree, polled every ``poll_s`` seconds (pages shared
-  between processes count once per process); ``max_process_rss_mib``: the largest single process's peak RSS (``ru_maxrss`` from
-  ``os.wait4``, which covers the child and the descendants it reaped).
+  between processes count once per process); ``max_process_rss_mib``: the largest peak RSS of any one process of
+  the tree (``VmHWM`` from ``/proc/PID/status``, the kernel's high-water mark, read at each poll).
+
+``ru_maxrss`` (``os.wait4`` or ``getrusage(RUSAGE_CHILDREN)``) is not used for memory: Linux carries a process's
+pre-``exec`` high-water mark over into ``ru_maxrss``, so a job started from this (large) benchmark process reports
+at least this process's RSS at fork time, not its own peak.
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ def run_job(module: str, *args: str, poll_s: float = 0.1, timeout_s: Optional[fl
             started = time.perf_counter()
             process = subprocess.Popen(command, cwd=REPO, env={**child_env(), **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT)
             root = psutil.Process(process.pid)
-            peak_tree, cpu_by_pid, status, usage = 0, {}, None, None
+            peak_tree, cpu_by_pid, hwm_by_pid, status, usage = 0, {}, {}, None, None
             while True:
                 pid, status, usage = os.wait4(process.pid, os.WNOHANG)
                 if pid:
@@ -70,8 +74,10 @@ def run_job(module: str, *args: str, poll_s: float = 0.1, timeout_s: Optional[fl
                         with member.oneshot():
                             rss += member.memory_info().rss
                             times = member.cpu_times()
-                            cpu_by_pid[(member.pid, member.create_time())] = times.user + times.system
-                    except psutil.Error:
+                            ident = (member.pid, member.create_time())
+                        cpu_by_pid[ident] = times.user + times.system
+                        hwm_by_pid[ident] = max(hwm_by_pid.get(ident, 0), _vm_hwm_bytes(member.pid))
+                    except (psutil.Error, OSError):
                         pass
                 peak_tree = max(peak_tree, rss)
                 if timeout_s and time.perf_counter() - started > timeout_s:
@@ -86,8 +92,17 @@ def run_job(module: str, *args: str, poll_s: float = 0.1, timeout_s: Optional[fl
     waited_cpu = usage.ru_utime + usage.ru_stime
     return {"wall_s": wall, "run_s": timings["run_s"], "import_s": timings["import_s"],
             "cpu_s": max(waited_cpu, sum(cpu_by_pid.values())),
-            "peak_tree_rss_mib": peak_tree / 2**20, "max_process_rss_mib": usage.ru_maxrss / 1024,
+            "peak_tree_rss_mib": peak_tree / 2**20,
+            "max_process_rss_mib": max(hwm_by_pid.values(), default=0) / 2**20,
             "processes_seen": len(cpu_by_pid), "log": log_text}
+
+
+def _vm_hwm_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _child(module: str, timings_path: str, argv: List[str]) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import os
 import shutil
 import sys
@@ -186,6 +187,8 @@ def main(argv=None) -> int:
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=True)
 
+    # The setup runs Beam jobs in this process; their stage-level warnings are not news here.
+    logging.getLogger().setLevel(logging.ERROR)
     started = time.perf_counter()
     print(f"{machine_line()}; sizes {sizes} users x {args.days} days; SID model {args.sid_kind} 3x256", flush=True)
     rows = [bench_size(users, args.days, args.sid_kind, args.floor_repeats, args.workdir) for users in sizes]

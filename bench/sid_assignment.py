@@ -1,7 +1,7 @@
 """SID-assignment throughput: items/s through the Beam pipeline and through the bare JAX function, side by side.
 
 One run, on the same synthetic catalogue (hierarchical clusters, as in ``bench/rqvae_training.py``; ``--dim``-wide
-embeddings, written as a validated ``videos`` partition: ``<root>/validated/videos/date=D/part-0000S-of-00002.parquet``
+embeddings, written as a validated ``videos`` partition: ``<root>/validated_<N>/videos/date=D/part-0000S-of-00002.parquet``
 + ``_SUCCESS``, the layout ``pipelines.validate_inputs`` writes and ``pipelines.assign_sids`` reads):
 
 - bare JAX: ``TrainedSIDModel.encode_batched`` on the embeddings (host numpy in and out, the pipeline's
@@ -10,11 +10,16 @@ embeddings, written as a validated ``videos`` partition: ``<root>/validated/vide
 - Beam: ``python -m pipelines.assign_sids --runner=FnApiRunner`` in full mode (no earlier assignment, so every video
   is read, joined, encoded by RunInference, disambiguated and written), in one process and with
   ``--direct_num_workers=2 --direct_running_mode=multi_processing``, each as a measured subprocess
-  (``bench.common.run_job``). Items/s are over the job's own run time (interpreter start-up and imports are shown
-  apart). The same job on a ``--tiny-items`` catalogue gives the fixed cost (worker start-up, model load and
-  compilation, per-job overhead), and ``(items - tiny) / (run - run_tiny)`` the marginal items/s.
+  (``bench.common.run_job``: run time of the job apart from interpreter start-up and imports, CPU seconds and peak
+  RSS of the whole process tree). The same job on a ``--tiny-items`` catalogue gives the fixed cost (worker
+  start-up, model load, per-job overhead), and ``(items - tiny) / (run - run_tiny)`` the marginal items/s. The jobs
+  run with ``JAX_LOG_COMPILES=1`` (logging only), so the table also counts the encoder's compilations in every
+  process of the job and their seconds.
 
-The model is fitted here, 3 x 256 by default: ``--kind=rq_kmeans`` (default; residual k-means, fits in seconds, its
+Both sides must agree: every item is encoded in full mode and written or dead-lettered, and the written SIDs equal
+``encode_batched``'s. Wall-clock ratios are noisy on a shared machine; the CPU-second ratios less so.
+
+The model, 3 levels x 256 codes, is fitted here: ``--kind=rq_kmeans`` (default; residual k-means, fits in seconds, its
 encoder is the identity so encoding is the 3-level nearest-codeword search alone) or ``--kind=rqvae`` (a quick RQ-VAE
 with ``--steps`` steps; encoding adds its MLP encoder).
 
@@ -186,6 +191,7 @@ def main(argv=None) -> int:
     embeddings = synthetic_items(args.items, args.dim, args.seed)
     sizes = [args.items] + ([args.tiny_items] if args.tiny_items else [])
     for size in sizes:
+        shutil.rmtree(f"{root}/validated_{size}", ignore_errors=True)
         write_validated_videos(f"{root}/validated_{size}", embeddings[:size])
     started = time.perf_counter()
     model = fit_model(embeddings, args.kind, args.steps, args.seed)

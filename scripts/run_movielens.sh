@@ -34,10 +34,11 @@ mkdir -p "$WORK"
 
 # ---- timing: every step's wall time, and a table at the end (also when a step fails) ----------------------------
 STEP_NAMES=(); STEP_SECONDS=()
+exec 3>&1  # step headers go to the console even where a step's own output is redirected
 now() { date +%s.%N; }
 timed() {  # timed NAME command...
   local name=$1; shift
-  printf '\n=== [%s] %s\n' "$name" "$*"
+  printf '\n=== [%s] %s\n' "$name" "$*" >&3
   local t0; t0=$(now)
   "$@"
   STEP_NAMES+=("$name"); STEP_SECONDS+=("$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')")
@@ -51,7 +52,8 @@ print_timings() {
   done
   printf '%-34s %9.1f\n' TOTAL "$total"
 }
-trap print_timings EXIT
+print_timings_too() { print_timings | tee "$WORK/timings.txt"; }
+trap print_timings_too EXIT
 pyjson() { $PY - "$@"; }  # small read-only reports on the outputs
 
 echo "window: events $FIRST..$AFTER, history snapshots $BEFORE (backfill $BACKFILL_DAYS days), $DAY, $AFTER;" \
@@ -100,16 +102,17 @@ timed 2c.validate_small_tags $PY -m pipelines.validate_inputs --start_date="$TAG
   > "$WORK/validate_small.log"
 pyjson "$OUT" "$CATALOG_START" "$AFTER" "$OUT_SMALL" "$TAG_START" "$TAG_END" <<'PY'
 import json, sys, datetime as dt
-def totals(root, first, last):
-    per_table, days, balanced = {}, 0, True
+def totals(root, first, last, tables):
+    per_table = {t: {"days": 0, "rows_in": 0, "rows_out": 0, "rows_dead": 0, "dead_by_reason": {}} for t in tables}
+    days, balanced = 0, True
     d, end = dt.date.fromisoformat(first), dt.date.fromisoformat(last)
     while d <= end:
         summary = json.load(open(f"{root}/validation_runs/date={d}/summary.json"))
         days += 1
         balanced &= summary["totals"]["balanced"]
         for table, by_date in summary["tables"].items():
-            t = per_table.setdefault(table, {"days": 0, "rows_in": 0, "rows_out": 0, "rows_dead": 0, "dead_by_reason": {}})
-            for entry in by_date.values():
+            t = per_table[table]
+            for entry in by_date.values():  # a day without rows of a table has no entry for it
                 t["days"] += 1
                 for k in ("rows_in", "rows_out", "rows_dead"):
                     t[k] += entry[k]
@@ -117,12 +120,14 @@ def totals(root, first, last):
                     t["dead_by_reason"][reason] = t["dead_by_reason"].get(reason, 0) + n
         d += dt.timedelta(days=1)
     return days, balanced, per_table
-for label, (root, first, last) in {"MovieLens-1M": sys.argv[1:4], "latest-small tags": sys.argv[4:7]}.items():
-    days, balanced, per_table = totals(root, first, last)
+runs = {"MovieLens-1M": (*sys.argv[1:4], ("videos", "watch_events", "search_events")),
+        "latest-small tags": (*sys.argv[4:7], ("search_events",))}
+for label, (root, first, last, tables) in runs.items():
+    days, balanced, per_table = totals(root, first, last, tables)
     print(f"validation totals, {label} {first}..{last} ({days} days, every day balanced: {balanced}):")
     for table, t in sorted(per_table.items()):
-        print(f"  {table:14s} days={t['days']:4d} in={t['rows_in']:8d} out={t['rows_out']:8d} dead={t['rows_dead']:6d} "
-              f"{t['dead_by_reason'] or ''}")
+        print(f"  {table:14s} days_with_rows={t['days']:4d} in={t['rows_in']:8d} out={t['rows_out']:8d} "
+              f"dead={t['rows_dead']:6d} {t['dead_by_reason'] or ''}")
 PY
 
 # ---- 3. SID model ------------------------------------------------------------------------------------------------
@@ -132,8 +137,9 @@ sid_metrics() {
 import json, sys
 m = json.load(open(sys.argv[1]))
 keys = ("items", "train_seconds", "utilisation_per_level", "normalized_entropy_per_level", "perplexity_per_level",
-        "full_sid_collision_rate", "max_items_per_sid", "reconstruction_mse", "final_loss", "sid_model_version")
-print(json.dumps({k: m[k] for k in keys if k in m}, indent=1))
+        "unique_sids", "prefix_collision_rate", "full_sid_collision_rate", "max_items_per_sid", "reconstruction_mse",
+        "final_loss", "sid_model_version")
+print(json.dumps({k: m[k] for k in keys if k in m}))
 PY
 }
 if [[ -n "$COMPARE_CODEBOOK_SIZE" && "$COMPARE_CODEBOOK_SIZE" != "$CODEBOOK_SIZE" ]]; then
@@ -181,14 +187,14 @@ cat "$OUT/examples/date=$DAY/stats.json"
 # ---- 9. read the examples back -----------------------------------------------------------------------------------
 read_back() {
   $PY - "$OUT/examples/date=$DAY" "$OUT/video_sids/date=$DAY" "$RAW/_catalog/items.parquet" <<'PY'
-import collections, datetime as dt, sys
-import numpy as np, pyarrow.parquet as pq
+import collections, datetime as dt, glob, sys
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq
 from tokenminds_model.data import numpy_batches
 from tokenminds_model.vocabulary import VocabularyLayout
 
 directory, sids_dir, catalog = sys.argv[1:4]
 layout = VocabularyLayout.load_manifest(f"{directory}/vocabulary.json")
-batch = next(numpy_batches([directory], batch_size=8, seed=0))
+batch = next(numpy_batches([directory], batch_size=8, seed=None))  # seed=None: file order, reproducible
 print({name: value.shape for name, value in batch.items()})
 i = int(np.argmax(batch["num_targets"][:, 0] > 0))  # the first example of the batch with targets
 length, n_targets = int(batch["length"][i, 0]), int(batch["num_targets"][i, 0])
@@ -199,7 +205,8 @@ tokens = batch["tokens"][i, :length]
 print("history, first 27 tokens:", layout.format_tokens(tokens[:27]))
 print("history, last 27 tokens: ", layout.format_tokens(tokens[-27:]))
 # Titles of the videos that carry each target's SID prefix (the SIDs of DAY, the catalog's titles).
-sids = pq.read_table(sids_dir, columns=["video_id", "sid"]).to_pylist()
+sids = pa.concat_tables([pq.read_table(f, columns=["video_id", "sid"])
+                        for f in sorted(glob.glob(f"{sids_dir}/part-*.parquet"))]).to_pylist()
 titles = dict(zip(*pq.read_table(catalog, columns=["video_id", "title"]).to_pydict().values()))
 by_prefix = collections.defaultdict(list)
 for row in sids:

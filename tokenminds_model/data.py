@@ -64,7 +64,9 @@ def make_dataset(examples_dirs: Sequence[str], batch_size: int, *, shuffle_buffe
     if shuffle:
         files = files.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     records = files.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
-                               cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+                               cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE,
+                               # Parallel reads, but records in a fixed order: a seed must give one order.
+                               deterministic=True)
     if repeat:
         records = records.repeat()
     if shuffle:

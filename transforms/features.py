@@ -42,6 +42,21 @@ def raw_feature_spec():
     return spec
 
 
+def stable_z_score(x):
+    """tft.scale_to_z_score, except that a (near-)constant column maps to 0.
+
+    On a constant column the fitted variance is floating-point noise rather than 0 (it depends on the combine order),
+    so dividing by it gives values in the millions that differ from run to run. Below a relative floor the column
+    carries no information: it is centred, not scaled.
+    """
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    mean, var = tft.mean(x), tft.var(x)
+    floor = 1e-6 * tf.maximum(1.0, tf.square(mean))
+    return tf.where(var > floor, (x - mean) * tf.math.rsqrt(tf.maximum(var, floor)), tf.zeros_like(x))
+
+
 def preprocessing_fn(inputs):
     """The feature transform. Analyzers (bucketize, vocabulary, z-score) are fitted on the reference day only."""
     import tensorflow as tf
@@ -65,9 +80,9 @@ def preprocessing_fn(inputs):
                                                    num_oov_buckets=1, vocab_filename="device"),
         "liked": inputs["liked"],
         "disliked": inputs["disliked"],
-        "watch_ratio_z": tft.scale_to_z_score(inputs["watch_ratio"]),
-        "watch_time_z": tft.scale_to_z_score(watch_time),
-        "time_gap_z": tft.scale_to_z_score(log_gap),
+        "watch_ratio_z": stable_z_score(inputs["watch_ratio"]),
+        "watch_time_z": stable_z_score(watch_time),
+        "time_gap_z": stable_z_score(log_gap),
     }
 
 

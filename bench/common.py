@@ -21,6 +21,7 @@ at least this process's RSS at fork time, not its own peak.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -59,7 +60,7 @@ def run_job(module: str, *args: str, poll_s: float = 0.1, timeout_s: Optional[fl
             started = time.perf_counter()
             process = subprocess.Popen(command, cwd=REPO, env={**child_env(), **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT)
             root = psutil.Process(process.pid)
-            peak_tree, cpu_by_pid, hwm_by_pid, status, usage = 0, {}, {}, None, None
+            peak_tree, cpu_by_pid, hwm_by_pid, command_by_pid, status, usage = 0, {}, {}, {}, None, None
             while True:
                 pid, status, usage = os.wait4(process.pid, os.WNOHANG)
                 if pid:
@@ -76,6 +77,8 @@ def run_job(module: str, *args: str, poll_s: float = 0.1, timeout_s: Optional[fl
                             times = member.cpu_times()
                             ident = (member.pid, member.create_time())
                         cpu_by_pid[ident] = times.user + times.system
+                        if ident not in command_by_pid:
+                            command_by_pid[ident] = _short_command(member)
                         hwm_by_pid[ident] = max(hwm_by_pid.get(ident, 0), _vm_hwm_bytes(member.pid))
                     except (psutil.Error, OSError):
                         pass
@@ -94,7 +97,19 @@ def run_job(module: str, *args: str, poll_s: float = 0.1, timeout_s: Optional[fl
             "cpu_s": max(waited_cpu, sum(cpu_by_pid.values())),
             "peak_tree_rss_mib": peak_tree / 2**20,
             "max_process_rss_mib": max(hwm_by_pid.values(), default=0) / 2**20,
-            "processes_seen": len(cpu_by_pid), "log": log_text}
+            "processes_seen": len(cpu_by_pid),
+            "process_commands": dict(collections.Counter(command_by_pid.values())), "log": log_text}
+
+
+def _short_command(process) -> str:
+    """'python -m module' (or the program's name) of a process, to tell the job from its SDK workers."""
+    try:
+        argv = process.cmdline()
+    except Exception:  # noqa: BLE001 - psutil errors, or a process gone in between
+        return "?"
+    if "-m" in argv[:-1]:
+        return "python -m " + argv[argv.index("-m") + 1]
+    return os.path.basename(argv[0]) if argv else "?"
 
 
 def _vm_hwm_bytes(pid: int) -> int:

@@ -189,6 +189,7 @@ def main(argv=None) -> int:
 
     # The setup runs Beam jobs in this process; their stage-level warnings are not news here.
     logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
     started = time.perf_counter()
     print(f"{machine_line()}; sizes {sizes} users x {args.days} days; SID model {args.sid_kind} 3x256", flush=True)
     rows = [bench_size(users, args.days, args.sid_kind, args.floor_repeats, args.workdir) for users in sizes]
@@ -234,21 +235,29 @@ def main(argv=None) -> int:
             scaling[name] = {"cost_per_event_ratio": run_ratio, "cpu_per_event_ratio": cpu_ratio,
                              "fit_fixed_s": fixed, "fit_us_per_event": per_event, "fit_fixed_cpu_s": fixed_cpu,
                              "fit_cpu_us_per_event": per_event_cpu}
-            marginal = ""
+            marginal = {"run_s": "", "cpu_s": ""}
             if len(rows) >= 3:
                 a, b, c = rows[-3], rows[-2], rows[-1]
-                first = (b[name]["run_s"] - a[name]["run_s"]) / (b["events"] - a["events"])
-                last = (c[name]["run_s"] - b[name]["run_s"]) / (c["events"] - b["events"])
-                scaling[name]["marginal_cost_ratio"] = last / first if first > 0 else float("nan")
-                marginal = f"{scaling[name]['marginal_cost_ratio']:.2f}"
+                for measure, suffix in (("run_s", ""), ("cpu_s", "_cpu")):
+                    first = (b[name][measure] - a[name][measure]) / (b["events"] - a["events"])
+                    last = (c[name][measure] - b[name][measure]) / (c["events"] - b["events"])
+                    ratio = last / first if first > 0 else float("nan")
+                    scaling[name][f"marginal{suffix}_cost_ratio"] = ratio
+                    marginal[measure] = f"{ratio:.2f}"
             table.append([f"{'update_histories' if pipeline == 'histories' else 'build_examples'}, {label}",
-                          f"{run_ratio:.2f}", f"{cpu_ratio:.2f}", marginal, f"{fixed:.1f}", f"{per_event:.0f}",
+                          f"{run_ratio:.2f}", f"{cpu_ratio:.2f}", marginal["run_s"], marginal["cpu_s"],
+                          f"{fixed:.1f}", f"{per_event:.0f}",
                           f"{fixed_cpu:.1f}", f"{per_event_cpu:.0f}"])
-    print_table(["pipeline", "cost/event L/S", "CPU/event L/S", "marginal L/M", "fit fixed s", "fit us/event",
+    print_table(["pipeline", "cost/event L/S", "CPU/event L/S", "marginal L/M", "CPU marginal L/M", "fit fixed s",
+                 "fit us/event",
                  "fit fixed CPU s", "fit CPU us/event"], table)
-    print("cost/event L/S: (run s per input event at the largest size) / (at the smallest); 1 = linear. "
-          "marginal L/M: seconds per extra event between the two largest sizes / between the two before; "
-          "fit: least squares over all sizes (run s, and CPU s of the process tree).")
+    print("cost/event L/S: (run s per input event at the largest size) / (at the smallest), and the same in CPU s "
+          "of the process tree; 1 = linear. marginal L/M: seconds (CPU s) per extra event between the two largest "
+          "sizes / between the two before them; ~1 = linear once fixed costs are paid. fit: least squares over all "
+          "sizes, run s (and CPU s) = fixed + per-event x input events.")
+    processes = {f"{p}_{k}": rows[-1][f"{p}_{k}"]["process_commands"] for p in ("histories", "examples")
+                 for k in ("1p", "2p")}
+    print(f"processes seen per job at {rows[-1]['users']:,} users: {processes}")
     print(f"total benchmark time {total_s / 60:.1f} min")
     print(result_line("examples_pipeline", {"sizes": sizes, "days": args.days, "rows": rows, "scaling": scaling,
                                             "total_s": total_s}))

@@ -108,8 +108,8 @@ def time_bare(model, embeddings: np.ndarray, batch_size: int, repeats: int):
 
 def ragged_batch_probe(model, embeddings: np.ndarray, batch_size: int):
     """RunInference hands the handler batches of varying length (BatchElements grows them, bundles end in partial
-    batches). encode_batched(batch, batch_size) is meant to pad every call to one shape; this times a batch of
-    each of a few unseen lengths, first call and repeat: a first call far above the repeat is a fresh compilation."""
+    batches). This times encode_batched(x[:n], batch_size) for a few lengths n not seen before, first call and
+    repeat: a first call far above the repeat is a fresh compilation, which a handler must avoid by padding."""
     probes = []
     for rows in (batch_size // 2 + 1, batch_size // 4 + 3, 7):
         rows = min(rows, len(embeddings))
@@ -293,9 +293,12 @@ def main(argv=None) -> int:
           "first call / repeat: " + ", ".join(f"n={p['rows']}: {p['first_s'] * 1e3:.0f} / {p['repeat_s'] * 1e3:.1f} ms"
                                               for p in ragged))
     recompiles = all(p["first_s"] > 10 * p["repeat_s"] + 0.05 for p in ragged)
+    pipeline_shapes = max(m["encode_batch_shapes"] for m in beam.values())
     if recompiles:
-        print("  -> encode_batched compiles again for every batch shorter than batch_size that has a new length (it "
-              "pads only a tail after full batches), and RunInference hands the handler batches of many lengths")
+        print("  -> encode_batched compiles once per distinct row count below batch_size (it shrinks the batch to the "
+              "row count instead of padding); RunInference's batches vary in length, so a handler must pad them "
+              + ("itself: the pipeline's handler does (one encoder shape per job above)" if pipeline_shapes == 1 else
+                 f"itself: the pipeline compiled {pipeline_shapes} encoder shapes, i.e. it does not"))
     result["ragged_batches"] = ragged
     result["recompiles_per_batch_length"] = recompiles
     print(f"ratio bare JAX / Beam 1 process: {result['bare_over_beam_single']:,.0f}x (wall), "

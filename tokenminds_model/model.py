@@ -480,7 +480,8 @@ def target_loss(logits: jax.Array, targets: jax.Array, num_targets: jax.Array) -
 # ---------------------------------------------------------------------------------------------------------------
 class ModelFunctions:
     """Pure functions of ``params`` for one config. Get them from :func:`model_functions` (cached per config), so
-    the same function objects come back every time (``decoding`` hashes ``logits_fn`` by identity)."""
+    ``model_functions(config).decode`` is always the same (equal, equally hashed) bound method: pass it to
+    ``decoding.beam_search(..., params=params)`` as ``logits_fn`` and repeated calls share one compilation."""
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config

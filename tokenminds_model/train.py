@@ -18,9 +18,9 @@ matrices only) after global-norm gradient clipping; its state has the same struc
 may change schedule or learning rate when resuming.
 
 Data: ``tokenminds_model.data.numpy_batches`` (tf.data: interleaved shards, shuffle buffer, ``drop_remainder`` so
-every batch has the same static shape and the step compiles once), repeated as needed; ``--no_shuffle`` reads in a
-fixed order (shards sorted, records in file order) and ``--skip_batches`` skips batches already consumed, so an
-interrupted run can be resumed exactly. Dropout keys are ``fold_in(seed, global_step)``, so resuming reproduces them.
+every batch has the same static shape and the step compiles once), repeated as needed. The order is a function of
+``--seed`` (``--no_shuffle``: shards sorted, records in file order), and ``--skip_batches`` skips batches already
+consumed, so an interrupted run can be resumed exactly. Dropout keys are ``fold_in(seed, global_step)``, so resuming reproduces them.
 
 Output (see ``tokenminds_model.model_checkpoints``): ``<output>/model_config.json`` (config, vocabulary manifest,
 feature spec, version = content hash, parent version, training days, run history), ``params/``, ``train_state/``
@@ -185,7 +185,7 @@ def make_train_step(fns: ModelFunctions, optimizer: optax.GradientTransformation
         (_, metrics), grads = jax.value_and_grad(fns.loss, has_aux=True)(params, inputs, dropout_rng=dropout_rng)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {**metrics, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=(0, 1))
 
@@ -542,9 +542,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides: Dict[str, Any] = {}
     try:
         if args.model_overrides:
-            overrides.update(json.loads(args.model_overrides))
-            if not isinstance(overrides, dict):
-                raise ValueError("--model_overrides must be a JSON object")
+            loaded = json.loads(args.model_overrides)
+            if not isinstance(loaded, dict):
+                raise ValueError(f"--model_overrides must be a JSON object, got {args.model_overrides!r}")
+            overrides.update(loaded)
         if args.max_tokens is not None:
             overrides["max_tokens"] = args.max_tokens
         if args.dropout is not None:
@@ -554,7 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        warmup_steps=args.warmup_steps, seed=args.seed, shuffle=not args.no_shuffle,
                        skip_batches=args.skip_batches, log_every=args.log_every, progress=not args.no_progress,
                        tensorboard=not args.no_tensorboard, **overrides)
-    except (FileNotFoundError, CheckpointError, ValueError, TypeError) as error:
+    except (FileNotFoundError, CheckpointError, data_lib.CorruptShardError, ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = result.summary()

@@ -70,3 +70,37 @@ def daily_flow(validated_sample, tmp_path_factory):
     shutil.copytree(validated_sample["root"], root, dirs_exist_ok=True)
     stats = run_daily_flow(root, validated_sample["dates"])
     return {**validated_sample, "root": root, "stats": stats}
+
+
+# A user model small enough to train in seconds; only the plumbing around it is under test where it is used.
+FLOW_MODEL = dict(d_model=32, num_heads=2, encoder_layers=1, decoder_layers=1, mlp_dim=64, embedding_dim=16,
+                  max_tokens=128)
+
+
+@pytest.fixture(scope="session")
+def flow_model(daily_flow, tmp_path_factory):
+    """A tiny user model trained a few steps on every day of the daily flow's examples. Read-only."""
+    from tokenminds_model import train as train_lib
+
+    output = tmp_path_factory.mktemp("flow_model") / "model"
+    dirs = [f"{daily_flow['root']}/out/examples/date={day}" for day in sorted(daily_flow["stats"])]
+    train_lib.train(dirs, str(output), steps=10, batch_size=16, learning_rate=3e-3, progress=False,
+                    tensorboard=False, **FLOW_MODEL)
+    return str(output)
+
+
+@pytest.fixture
+def translated_jobs(monkeypatch):
+    """Captures the Dataflow job each pipeline.run() translated."""
+    from apache_beam.runners.dataflow import dataflow_runner
+
+    jobs = []
+    original = dataflow_runner.DataflowRunner.run_pipeline
+
+    def capture(self, pipeline, options):
+        result = original(self, pipeline, options)
+        jobs.append(result.job)
+        return result
+
+    monkeypatch.setattr(dataflow_runner.DataflowRunner, "run_pipeline", capture)
+    return jobs

@@ -51,3 +51,29 @@ def read_parquet_dir(directory: str) -> List[Dict]:
     for f in files:
         rows += pq.read_table(os.path.join(directory, f)).to_pylist()
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataflow translation (Beam's --dry_run: the job is built and translated, nothing is submitted).
+# ---------------------------------------------------------------------------------------------------------------
+SETUP_FILE = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "setup.py")
+
+
+def dataflow_args():
+    return ["--runner=DataflowRunner", "--dry_run=True", "--no_auth", "--project=tokenminds-ci",
+            "--region=us-central1", "--temp_location=gs://tokenminds-ci-bucket/tmp",
+            "--staging_location=gs://tokenminds-ci-bucket/staging", "--sdk_location=container",
+            f"--setup_file={SETUP_FILE}"]
+
+
+def transform_names(job):
+    return {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
+
+
+def assert_translated(jobs, expected_count, *must_contain):
+    assert len(jobs) == expected_count
+    for job in jobs:
+        assert job.proto.type_.name == "JOB_TYPE_BATCH" and job.proto.name.startswith("beamapp-")
+        names = transform_names(job)
+        for fragment in must_contain:
+            assert any(fragment in name for name in names), (fragment, sorted(names)[:20])

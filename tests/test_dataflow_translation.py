@@ -3,48 +3,9 @@
 Inputs are the local outputs of the daily-flow fixture: the drivers read summaries and list partitions before
 building a job, and this machine cannot reach GCS. Paths are the only difference from a production job.
 """
-import pytest
-from apache_beam.runners.dataflow import dataflow_runner
-
 from pipelines import (assign_sids, build_examples, fit_feature_transform, train_query_tokenizer,
                        update_histories, validate_inputs)
-
-SETUP_FILE = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "setup.py")
-
-
-def dataflow_args():
-    return ["--runner=DataflowRunner", "--dry_run=True", "--no_auth", "--project=tokenminds-ci",
-            "--region=us-central1", "--temp_location=gs://tokenminds-ci-bucket/tmp",
-            "--staging_location=gs://tokenminds-ci-bucket/staging", "--sdk_location=container",
-            f"--setup_file={SETUP_FILE}"]
-
-
-@pytest.fixture
-def translated_jobs(monkeypatch):
-    """Captures the Dataflow job each pipeline.run() translated."""
-    jobs = []
-    original = dataflow_runner.DataflowRunner.run_pipeline
-
-    def capture(self, pipeline, options):
-        result = original(self, pipeline, options)
-        jobs.append(result.job)
-        return result
-
-    monkeypatch.setattr(dataflow_runner.DataflowRunner, "run_pipeline", capture)
-    return jobs
-
-
-def transform_names(job):
-    return {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
-
-
-def assert_translated(jobs, expected_count, *must_contain):
-    assert len(jobs) == expected_count
-    for job in jobs:
-        assert job.proto.type_.name == "JOB_TYPE_BATCH" and job.proto.name.startswith("beamapp-")
-        names = transform_names(job)
-        for fragment in must_contain:
-            assert any(fragment in name for name in names), (fragment, sorted(names)[:20])
+from tests.helpers import assert_translated, dataflow_args, transform_names
 
 
 def test_validate_inputs_translates_for_parquet_and_bigquery(daily_flow, translated_jobs):

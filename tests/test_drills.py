@@ -1,6 +1,5 @@
 """Failure and bad-input drills: a run killed mid-write, broken input files, fuzzed rows, a truncated shard."""
 import datetime as dt
-import math
 import os
 import shutil
 import signal

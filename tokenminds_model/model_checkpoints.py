@@ -48,8 +48,10 @@ TENSORBOARD_DIRNAME = "tensorboard"
 CHECKPOINT_FORMAT = "tokenminds.user_model"
 CHECKPOINT_FORMAT_VERSION = 1
 # What a checkpoint directory may contain; anything else means it is not (only) ours and is never deleted.
+# ``_SUCCESS`` (empty, after model_config.json) is the marker the daily DAG's sensors and backfills wait for.
+SUCCESS_MARKER = "_SUCCESS"
 CHECKPOINT_ENTRIES = (CONFIG_FILENAME, CONFIG_FILENAME + ".tmp", PARAMS_DIRNAME, TRAIN_STATE_DIRNAME,
-                      TENSORBOARD_DIRNAME)
+                      TENSORBOARD_DIRNAME, SUCCESS_MARKER)
 
 PathLike = Union[str, os.PathLike]
 
@@ -104,8 +106,9 @@ def save_model_checkpoint(directory: PathLike, *, config: ModelConfig, params: P
     path = as_path(directory)
     path.mkdir(parents=True, exist_ok=True)
     config_path = path / CONFIG_FILENAME
-    if config_path.exists():
-        config_path.unlink()  # the old document must not describe the new arrays while they are written
+    for marker in (path / SUCCESS_MARKER, config_path):
+        if marker.exists():
+            marker.unlink()  # the old document must not describe the new arrays while they are written
     host_params = jax.tree.map(lambda leaf: np.asarray(jax.device_get(leaf)), params)
     host_opt_state = jax.tree.map(lambda leaf: np.asarray(jax.device_get(leaf)), opt_state)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -130,6 +133,7 @@ def save_model_checkpoint(directory: PathLike, *, config: ModelConfig, params: P
     temporary = path / (CONFIG_FILENAME + ".tmp")
     temporary.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     temporary.rename(config_path)
+    (path / SUCCESS_MARKER).write_text("")
     return document
 
 

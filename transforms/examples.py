@@ -177,6 +177,39 @@ def search_with_pieces(search: Dict[str, Any], tokenizer, max_pieces: int) -> Di
             "pieces": tokenizer.encode(search["query"], max_pieces)}
 
 
+@dataclasses.dataclass(frozen=True)
+class UserEvents:
+    """One user's events ready for ``sequences``: queries cut into pieces, watches featurized by the transform_fn."""
+    watches: List[Dict[str, Any]]
+    searches: List[Dict[str, Any]]
+    timeline: sequences.Timeline
+    featurize: sequences.Featurize
+
+
+def prepare_user_events(snapshots: Iterable[Dict[str, Any]], tokenizer, featurizer,
+                        config: sequences.SequenceConfig) -> UserEvents:
+    """Snapshot rows of one user -> the events both training examples and serving inputs are built from.
+
+    The one path shared by ``BuildUserExamples`` (training) and ``serving_history`` (batch refresh), so that the
+    same history gives the same tokens in both.
+    """
+    watches, searches = merge_user_events(snapshots)
+    searches = [search_with_pieces(s, tokenizer, config.max_pieces_per_query) for s in searches]
+    timeline = sequences.build_timeline(watches, searches, config)
+    raw = sequences.raw_watch_features(timeline.watches, timeline.watch_gaps_s())
+    buckets, soft = featurizer.featurize_columns(raw)
+    featurize = features.lookup_featurize(timeline.watches, buckets, soft, config.feature_mode == "soft")
+    return UserEvents(watches, searches, timeline, featurize)
+
+
+def serving_history(snapshots: Iterable[Dict[str, Any]], cutoff_ts_us: int, tokenizer, featurizer,
+                    layout: VocabularyLayout, config: sequences.SequenceConfig) -> sequences.HistorySequence:
+    """The model input of a user as of ``cutoff_ts_us`` (every event before it): exactly the history a training
+    example with that cutoff has (same selection, truncation, featurization and tokens)."""
+    events = prepare_user_events(snapshots, tokenizer, featurizer, config)
+    return sequences.build_history(events.timeline, cutoff_ts_us, layout, config, events.featurize)
+
+
 class BuildUserExamples(beam.DoFn):
     """(user_id, [snapshots]) -> serialized examples; tagged outputs for stats records, counts and dead letters."""
     STATS, COUNTS, DEAD = "stats", "counts", "dead"
@@ -222,14 +255,10 @@ class BuildUserExamples(beam.DoFn):
 
     def _build(self, user_id, snapshots):
         ctx = self._context
-        watches, searches = merge_user_events(snapshots)
-        searches = [search_with_pieces(s, self._tokenizer, ctx.config.max_pieces_per_query) for s in searches]
-        timeline = sequences.build_timeline(watches, searches, ctx.config)
-        raw = sequences.raw_watch_features(timeline.watches, timeline.watch_gaps_s())
-        buckets, soft = self._featurizer.featurize_columns(raw)
-        featurize = features.lookup_featurize(timeline.watches, buckets, soft, ctx.config.feature_mode == "soft")
-        examples = sequences.make_user_examples(user_id, watches, searches, ctx.day_start_us, ctx.day_end_us,
-                                                ctx.layout, ctx.config, ctx.seed, featurize)
+        events = prepare_user_events(snapshots, self._tokenizer, self._featurizer, ctx.config)
+        examples = sequences.make_user_examples(user_id, events.watches, events.searches, ctx.day_start_us,
+                                                ctx.day_end_us, ctx.layout, ctx.config, ctx.seed, events.featurize)
+        timeline = events.timeline
         rewards = []
         for example in examples:
             window = target_lib.look_ahead_window(timeline.watches, example["cutoff_ts_us"], ctx.config.window_s)

@@ -150,6 +150,11 @@ def _bq_field(field: pa.Field) -> Dict:
     arrow_type = field.type
     if pa.types.is_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
         mode, arrow_type = "REPEATED", arrow_type.value_type
+        if pa.types.is_list(arrow_type):
+            raise TypeError(f"BigQuery has no list of lists ({field.name}): wrap the inner list in a struct")
+    if pa.types.is_struct(arrow_type):
+        return {"name": field.name, "type": "RECORD", "mode": mode,
+                "fields": [_bq_field(arrow_type.field(i)) for i in range(arrow_type.num_fields)]}
     if arrow_type not in _BQ_TYPES:
         raise TypeError(f"no BigQuery type for {field.name}: {arrow_type}")
     return {"name": field.name, "type": _BQ_TYPES[arrow_type], "mode": mode}
@@ -211,6 +216,57 @@ HISTORIES_SCHEMA = pa.schema([
     pa.field("sid_model_version", pa.string()),
     pa.field("watches", pa.list_(HISTORY_WATCH_TYPE)),  # oldest first, at most max_history_watches
     pa.field("searches", pa.list_(HISTORY_SEARCH_TYPE)),  # oldest first, at most max_history_searches
+])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# User representations: what the nightly refresh publishes and downstream ranking models read.
+# ---------------------------------------------------------------------------------------------------------------
+USER_REPRESENTATIONS = "user_representations"
+DEFAULT_REPRESENTATION_TTL_HOURS = 24.0  # the paper's 24-hour refresh cadence
+# One decoded user token: a SID prefix of one scenario, its rank (0 = best) and log-probability score. A struct per
+# token (not parallel lists) because BigQuery has no list of lists.
+USER_TOKEN_TYPE = pa.struct([
+    pa.field("scenario", pa.string()),
+    pa.field("rank", pa.int32()),
+    pa.field("sid", pa.list_(pa.int32())),  # prefix-L codes
+    pa.field("score", pa.float32()),
+    pa.field("token", pa.string()),  # the SID tokens as strings, e.g. "<sid_0_12> <sid_1_3>"
+])
+USER_REPRESENTATIONS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string()),
+    pa.field("snapshot_date", pa.string()),  # the history snapshot (end of this day) the representation describes
+    pa.field("embedding", pa.list_(pa.float32())),
+    pa.field("user_tokens", pa.list_(USER_TOKEN_TYPE)),  # per scenario, best first
+    pa.field("model_version", pa.string()),
+    pa.field("vocabulary_version", pa.string()),
+    pa.field("sid_model_version", pa.string()),
+    pa.field("generated_at", TIMESTAMP),
+    pa.field("expires_at", TIMESTAMP),
+    pa.field("carried_over_from", pa.string()),  # null, or the earlier date whose row is kept after a failure
+])
+# BigQuery: one table partitioned by DAY on snapshot_date (as a DATE column there, see bigquery_representations_schema).
+USER_REPRESENTATIONS_PARTITION_FIELD = "partition_date"
+
+
+def bigquery_representations_schema() -> Dict[str, List[Dict]]:
+    """The BigQuery schema of user_representations: the Parquet columns plus a DATE column to partition on."""
+    schema = bigquery_schema(USER_REPRESENTATIONS_SCHEMA)
+    schema["fields"].append({"name": USER_REPRESENTATIONS_PARTITION_FIELD, "type": "DATE", "mode": "REQUIRED"})
+    return schema
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downstream adaptation artifacts (pipelines.build_adaptation).
+# ---------------------------------------------------------------------------------------------------------------
+ADAPTATION = "adaptation"
+PREFIX_EMBEDDINGS = "prefix_embeddings"
+PREFIX_EMBEDDINGS_SCHEMA = pa.schema([
+    pa.field("scenario", pa.string()),
+    pa.field("prefix_len", pa.int32()),
+    pa.field("prefix", pa.list_(pa.int32())),  # the first prefix_len codes of the SIDs
+    pa.field("num_videos", pa.int64()),
+    pa.field("embedding", pa.list_(pa.float32())),  # mean content embedding of those videos
 ])
 
 

@@ -191,3 +191,16 @@ def _jsonable(value):
 if __name__ == "__main__":
     _STARTED = time.perf_counter()
     _child(sys.argv[1], sys.argv[2], sys.argv[3:])
+
+
+def synthetic_items(num_items: int, dim: int, seed: int):
+    """A hierarchical synthetic catalogue (64 top clusters, 16 sub-clusters each, isotropic noise), float32
+    ``[num_items, dim]``: every SID level has structure to find."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    top_centers = rng.normal(size=(64, dim)) * 2.0
+    sub_offsets = rng.normal(size=(64, 16, dim)) * 0.7
+    top = rng.integers(0, 64, num_items)
+    sub = rng.integers(0, 16, num_items)
+    return (top_centers[top] + sub_offsets[top, sub] + rng.normal(size=(num_items, dim)) * 0.3).astype(np.float32)

@@ -19,18 +19,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
+from bench.common import synthetic_items  # noqa: E402
 from tokenminds_model.rqvae import RQVAEConfig, train_rqvae  # noqa: E402
-
-
-def synthetic_items(num_items: int, dim: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    top_centers = rng.normal(size=(64, dim)) * 2.0
-    sub_offsets = rng.normal(size=(64, 16, dim)) * 0.7
-    top = rng.integers(0, 64, num_items)
-    sub = rng.integers(0, 16, num_items)
-    return (top_centers[top] + sub_offsets[top, sub] + rng.normal(size=(num_items, dim)) * 0.3).astype(np.float32)
 
 
 def time_best_of(function, repeats: int) -> float:

@@ -46,20 +46,10 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from bench.common import RUNNERS, machine_line, print_table, result_line, run_job  # noqa: E402
+from bench.common import RUNNERS, machine_line, print_table, result_line, run_job, synthetic_items  # noqa: E402
 
 DAY = dt.date(2026, 1, 1)
 SHARDS = 2  # validate_inputs' default --validated_shards
-
-
-def synthetic_items(num_items: int, dim: int, seed: int) -> np.ndarray:
-    """Hierarchical clusters (64 top, 16 sub-clusters each, noise), the same recipe as bench/rqvae_training.py."""
-    rng = np.random.default_rng(seed)
-    top_centers = rng.normal(size=(64, dim)) * 2.0
-    sub_offsets = rng.normal(size=(64, 16, dim)) * 0.7
-    top = rng.integers(0, 64, num_items)
-    sub = rng.integers(0, 16, num_items)
-    return (top_centers[top] + sub_offsets[top, sub] + rng.normal(size=(num_items, dim)) * 0.3).astype(np.float32)
 
 
 def write_validated_videos(validated_root: str, embeddings: np.ndarray) -> None:

@@ -17,30 +17,30 @@ RANGE=(--start_date=$START --end_date=$END)
 
 step() { printf '\n=== %s\n' "$*"; }
 
-step "1/8 Generate the sample dataset ($USERS users, 8 days) into $RAW"
+step "1/11 Generate the sample dataset ($USERS users, 8 days) into $RAW"
 $PY -m pipelines.make_sample_data --output_root="$RAW" --users="$USERS" --days=8 --seed=0 --start_date=$START
 
-step "2/8 Validate every input table, $START..$END"
+step "2/11 Validate every input table, $START..$END"
 $PY -m pipelines.validate_inputs "${RANGE[@]}" --input_root="$RAW" --output_root="$OUT" "${RUNNER[@]}"
 
-step "3/8 Train the SID model (RQ-VAE) on the first day's catalog"
+step "3/11 Train the SID model (RQ-VAE) on the first day's catalog"
 $PY -m pipelines.train_sid_model --videos="$OUT/validated/videos" --date=$START --output="$OUT/sid_model" \
   --steps=1000 --overwrite
 
-step "4/8 Assign SIDs day by day (the first day in full, then only new videos)"
+step "4/11 Assign SIDs day by day (the first day in full, then only new videos)"
 $PY -m pipelines.assign_sids "${RANGE[@]}" --output_root="$OUT" "${RUNNER[@]}"
 
-step "5/8 Fold each day into the user history snapshots"
+step "5/11 Fold each day into the user history snapshots"
 $PY -m pipelines.update_histories "${RANGE[@]}" --output_root="$OUT" --backfill_days=1 "${RUNNER[@]}"
 
-step "6/8 Train the query tokenizer and fit the feature transform (reference day $START)"
+step "6/11 Train the query tokenizer and fit the feature transform (reference day $START)"
 $PY -m pipelines.train_query_tokenizer "${RANGE[@]}" --output_root="$OUT" "${RUNNER[@]}"
 $PY -m pipelines.fit_feature_transform --date=$START --output_root="$OUT" "${RUNNER[@]}"
 
-step "7/8 Build training examples, $START..$LAST_EXAMPLE_DAY"
+step "7/11 Build training examples, $START..$LAST_EXAMPLE_DAY"
 $PY -m pipelines.build_examples --start_date=$START --end_date=$LAST_EXAMPLE_DAY --output_root="$OUT" "${RUNNER[@]}"
 
-step "8/8 Read one day's examples back through the tf.data reader"
+step "8/11 Read one day's examples back through the tf.data reader"
 $PY - "$OUT/examples/date=$LAST_EXAMPLE_DAY" <<'PYEOF'
 import sys
 from tokenminds_model.data import numpy_batches
@@ -54,6 +54,29 @@ print("history (first 30 tokens):", layout.format_tokens(batch["tokens"][0, :30]
 print("targets:", layout.format_tokens(batch["targets"][0, :int(batch["num_targets"][0, 0])].ravel()))
 PYEOF
 
+step "9/11 Train the user model a few steps on days $START..$LAST_EXAMPLE_DAY (tiny preset, CPU)"
+EXAMPLE_DIRS=()
+for d in $(seq 0 6); do EXAMPLE_DIRS+=("$OUT/examples/date=$(date -u -d "$START +$d day" +%F)"); done
+$PY -m tokenminds_model.train --examples "${EXAMPLE_DIRS[@]}" --output="$OUT/models/date=$LAST_EXAMPLE_DAY" \
+  --steps=${TRAIN_STEPS:-200} --batch_size=16 --learning_rate=3e-3 --log_every=50 --no_progress
+
+step "10/11 Refresh every user's embedding and tokens as of $END (20 LFV + 20 SFV tokens per user)"
+$PY -m pipelines.refresh_users --date=$END --model="$OUT/models/date=$LAST_EXAMPLE_DAY" --output_root="$OUT" \
+  "${RUNNER[@]}"
+$PY - "$OUT" "$END" <<'PYEOF'
+import datetime as dt, sys
+from transforms.representations import RepresentationStore
+root, day = sys.argv[1], dt.date.fromisoformat(sys.argv[2])
+at = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(6), dt.timezone.utc)
+[(user, found)] = list(RepresentationStore(root).lookup(["user_0000001"], at).items())
+tokens = [t["token"] for t in found.row["user_tokens"] if t["scenario"] == "LFV"][:3]
+print(f"lookup {user} at {at:%Y-%m-%d %H:%M} UTC: {found.status}, embedding[{len(found.row['embedding'])}], "
+      f"expires {found.row['expires_at']:%Y-%m-%d %H:%M}, top LFV tokens {tokens}")
+PYEOF
+
+step "11/11 Downstream adaptation artifacts (prefix embeddings, SID n-grams, SID SentencePiece) as of $END"
+$PY -m pipelines.build_adaptation --date=$END --output_root="$OUT" "${RUNNER[@]}"
+
 step "Outputs"
 cat <<TXT
 validated tables     $OUT/validated/<table>/date=D/          dead letters  $OUT/dead_letter/<job or table>/date=D/
@@ -62,4 +85,7 @@ SID model            $OUT/sid_model/ (metrics.json)           SIDs          $OUT
 history snapshots    $OUT/histories/date=D/
 query tokenizer      $OUT/query_tokenizer/                     feature transform $OUT/feature_transform/
 training examples    $OUT/examples/date=D/ (part-*.tfrecord.gz, feature_spec.json, vocabulary.json, stats.json)
+user model           $OUT/models/date=$LAST_EXAMPLE_DAY/ (model_config.json, params/, train_state/, tensorboard/)
+user representations $OUT/user_representations/date=$END/ (summary.json: users in/out/dead, bytes per user)
+adaptation artifacts $OUT/adaptation/date=$END/ (prefix_embeddings/, sid_ngram_vocab.json, sid_spm.model)
 TXT

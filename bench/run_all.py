@@ -26,8 +26,11 @@ SMALL_FLAGS = {
     "rqvae_training": ["--small"],
     "sid_real_data": ["--small"],
     "decoding": ["--users=8", "--history-len=64", "--catalogue=10000", "--repeats=2"],
+    "model_training": ["--presets=tiny", "--synthetic"],
+    "refresh_users": ["--small"],
 }
-ORDER = ["rqvae_training", "sid_real_data", "sid_assignment", "decoding", "examples_pipeline"]
+ORDER = ["rqvae_training", "sid_real_data", "sid_assignment", "decoding", "examples_pipeline", "model_training",
+         "refresh_users"]
 
 
 def _sid_assignment(r):
@@ -69,8 +72,20 @@ def _decoding(r):
     return "; ".join(parts)
 
 
+def _model_training(r):
+    return ", ".join(f"{row['preset']}: {row['examples_per_s']:,.1f} examples/s, {row['tokens_per_s']:,.0f} tokens/s"
+                     for row in r["rows"]) + f" ({r['platform']}, {r['data']} data)"
+
+
+def _refresh_users(r):
+    return "; ".join(f"{x['size']} ({x['num_params']:,} params): pipeline {x['pipeline_users_per_cpu_s']:.1f} vs bare "
+                     f"{x['bare_users_per_cpu_s']:.1f} users/CPU-s, peak RSS {x['pipeline']['peak_tree_rss_mib']:,.0f} "
+                     "MiB" for x in r["results"])
+
+
 HEADLINES = {"sid_assignment": _sid_assignment, "examples_pipeline": _examples_pipeline,
-             "rqvae_training": _rqvae_training, "sid_real_data": _sid_real_data, "decoding": _decoding}
+             "rqvae_training": _rqvae_training, "sid_real_data": _sid_real_data, "decoding": _decoding,
+             "model_training": _model_training, "refresh_users": _refresh_users}
 
 
 def _generic(r):

@@ -13,14 +13,17 @@ compilation):
 - separate total: ``separate_decode``: per context, a full encoder pass + ``beam_search`` (the baseline);
 - constrained decoding (1 context) against a random catalogue, dense and sparse tables.
 
-Two ways to feed the decoder are measured (``--cross-kv``): ``in-decoder`` (the decoder projects encoder states to
-cross-attention keys/values itself, so every beam row re-projects its user's T states at every level) and
-``precomputed`` (the encoder side projects them once per user and passes the per-layer keys/values as the
-``enc_states`` pytree). The encoder share is encode / (encode + 1-context decode). The paper's serving saving was
+Three ways to feed the decoder are measured side by side (``--cross-kv``): ``in-decoder`` (the decoder projects
+encoder states to cross-attention keys/values itself, so every beam row re-projects its user's T states at every
+level), ``precomputed`` (the encoder side projects them once per user and passes the per-layer keys/values as the
+``enc_states`` pytree; the batch-aligned contract still tiles them to one row per beam) and ``grouped`` (the
+decoding module's ``grouped=True`` contract: the decoder gets the un-tiled encoder states and ``[B, C * beam, t]``
+rows, folds each user's rows into its sequence axis with a block-diagonal causal mask, as training folds the K
+targets, and projects the keys/values once per user and level, as ``TokenMindsModel.decode_grouped`` does). The encoder share is encode / (encode + 1-context decode). The paper's serving saving was
 481 vs 698 chips (ratio 0.69); with two contexts the ratio tends to 0.5 as the encoder share tends to 1.
 
     .venv/bin/python bench/decoding.py [--users 16] [--history-len 256] [--width 128] [--enc-layers 4]
-        [--dec-layers 2] [--beam-size 20] [--catalogue 100000] [--cross-kv both]
+        [--dec-layers 2] [--beam-size 20] [--catalogue 100000] [--cross-kv all]
 
 Ends with one ``RESULT {json}`` line.
 """
@@ -88,9 +91,10 @@ class DecoderBlock(nn.Module):
     hidden: int
 
     @nn.compact
-    def __call__(self, y, keys, values, enc_mask):
-        y = y + nn.SelfAttention(num_heads=self.heads)(nn.LayerNorm()(y),
-                                                       mask=nn.make_causal_mask(y[..., 0]))
+    def __call__(self, y, keys, values, enc_mask, self_mask=None):
+        if self_mask is None:
+            self_mask = nn.make_causal_mask(y[..., 0])
+        y = y + nn.SelfAttention(num_heads=self.heads)(nn.LayerNorm()(y), mask=self_mask)
         head_dim = self.width // self.heads
         query = nn.DenseGeneral((self.heads, head_dim), name="query")(nn.LayerNorm()(y))
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, keys) / math.sqrt(head_dim)
@@ -131,14 +135,27 @@ class EncoderDecoder(nn.Module):
     def cross_keys_values(self, enc_states):
         return tuple(layer(enc_states) for layer in self.cross)
 
-    def decode_from_keys_values(self, keys_values, enc_mask, decoder_inputs):
-        y = self.embed(decoder_inputs) + self.dec_positions(jnp.arange(decoder_inputs.shape[1]))[None]
+    def decode_from_keys_values(self, keys_values, enc_mask, decoder_inputs, positions=None, self_mask=None):
+        if positions is None:
+            positions = jnp.arange(decoder_inputs.shape[1])
+        y = self.embed(decoder_inputs) + self.dec_positions(positions)[None]
         for block, (keys, values) in zip(self.decoder, keys_values):
-            y = block(y, keys, values, enc_mask)
+            y = block(y, keys, values, enc_mask, self_mask)
         return self.output(self.dec_norm(y))
 
     def decode(self, enc_states, enc_mask, decoder_inputs):
         return self.decode_from_keys_values(self.cross_keys_values(enc_states), enc_mask, decoder_inputs)
+
+    def decode_grouped(self, enc_states, enc_mask, decoder_inputs):
+        """Grouped contract: ``decoder_inputs [B, R, t]`` -> logits ``[B, R, t, V]``; the R rows of a user share one
+        projection of its keys/values (block-diagonal causal mask, positions 0..t-1 repeated per row)."""
+        users, rows, length = decoder_inputs.shape
+        block = jnp.arange(rows * length) // length
+        positions = jnp.arange(rows * length) % length
+        self_mask = ((block[:, None] == block[None, :]) & (positions[:, None] >= positions[None, :]))[None, None]
+        logits = self.decode_from_keys_values(self.cross_keys_values(enc_states), enc_mask,
+                                              decoder_inputs.reshape(users, rows * length), positions, self_mask)
+        return logits.reshape(users, rows, length, -1)
 
     def __call__(self, tokens, decoder_inputs):
         return self.decode(*self.encode(tokens), decoder_inputs)
@@ -166,9 +183,15 @@ def decode_from_keys_values(params, keys_values, enc_mask, decoder_inputs):
     return MODEL.apply(params, keys_values, enc_mask, decoder_inputs, method=EncoderDecoder.decode_from_keys_values)
 
 
+def decode_grouped(params, enc_states, enc_mask, decoder_inputs):
+    return MODEL.apply(params, enc_states, enc_mask, decoder_inputs, method=EncoderDecoder.decode_grouped)
+
+
+# feed -> (encode_fn, logits_fn, grouped)
 FEEDS: Dict[str, tuple] = {
-    "in-decoder": (encode, decode),
-    "precomputed": (encode_to_keys_values, decode_from_keys_values),
+    "in-decoder": (encode, decode, False),
+    "precomputed": (encode_to_keys_values, decode_from_keys_values, False),
+    "grouped": (encode, decode_grouped, True),
 }
 
 
@@ -199,9 +222,9 @@ def synthetic_catalogue(items: int, levels: int, codebook_size: int, seed: int) 
 
 
 def run_feed(name: str, params, tokens, layout, args, constraints) -> Dict[str, Any]:
-    encode_fn, logits_fn = FEEDS[name]
+    encode_fn, logits_fn, grouped = FEEDS[name]
     options = dict(layout=layout, prefix_len=args.prefix_len, beam_size=args.beam_size, top_n=args.top_n,
-                   params=params)
+                   params=params, grouped=grouped)
     jitted_encode = jax.jit(encode_fn)
     enc_states, enc_mask = jitted_encode(params, tokens)
     users = tokens.shape[0]
@@ -213,7 +236,7 @@ def run_feed(name: str, params, tokens, layout, args, constraints) -> Dict[str, 
     functions = {
         "encode": lambda: jitted_encode(params, tokens),
         "decode_1ctx": lambda: beam_search(logits_fn, enc_states, enc_mask, LFV_ID, layout, args.prefix_len,
-                                           args.beam_size, args.top_n, params=params),
+                                           args.beam_size, args.top_n, params=params, grouped=grouped),
         "decode_2ctx": lambda: multi_context_decode(logits_fn, enc_states, enc_mask, (LFV_ID, SFV_ID), **options),
         "multi_total": multi_total,
         "separate_total": lambda: separate_decode(encode_fn, logits_fn, tokens, (LFV_ID, SFV_ID), **options),
@@ -221,7 +244,7 @@ def run_feed(name: str, params, tokens, layout, args, constraints) -> Dict[str, 
     for representation, constraint in constraints.items():
         functions[f"decode_1ctx_{representation}_constraint"] = functools.partial(
             beam_search, logits_fn, enc_states, enc_mask, SFV_ID, layout, args.prefix_len, args.beam_size,
-            args.top_n, constraint, params=params)
+            args.top_n, constraint, params=params, grouped=grouped)
     seconds = interleaved_best_of(functions, args.repeats)
     encode_s, decode1_s, decode2_s = seconds["encode"], seconds["decode_1ctx"], seconds["decode_2ctx"]
     multi_s, separate_s = seconds["multi_total"], seconds["separate_total"]
@@ -259,7 +282,8 @@ def main() -> int:
     parser.add_argument("--query-vocab-size", type=int, default=1000)
     parser.add_argument("--catalogue", type=int, default=100_000,
                         help="items in the random catalogue for constrained decoding (0: skip)")
-    parser.add_argument("--cross-kv", choices=("in-decoder", "precomputed", "both"), default="both")
+    parser.add_argument("--cross-kv", choices=("in-decoder", "precomputed", "grouped", "both", "all"), default="all",
+                        help="decoder feeds to measure: one, both (in-decoder + precomputed) or all three")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -297,12 +321,27 @@ def main() -> int:
           f"{layout.vocab_size}, {num_params:,} params; {args.users} users x {args.history_len} history tokens; "
           f"L={args.prefix_len}, K={args.codebook_size}, beam {args.beam_size}, top {args.top_n}")
 
-    feeds = ["in-decoder", "precomputed"] if args.cross_kv == "both" else [args.cross_kv]
+    feeds = {"both": ["in-decoder", "precomputed"], "all": list(FEEDS)}.get(args.cross_kv, [args.cross_kv])
     results = {}
     for feed in feeds:
         started = time.perf_counter()
         results[feed] = run_feed(feed, params, tokens, layout, args, constraints)
         results[feed]["wall_s_incl_compile"] = time.perf_counter() - started
+
+    if "grouped" in feeds:
+        # The grouped path must decode exactly what the batch-aligned in-decoder path decodes.
+        enc_states, enc_mask = jax.jit(encode)(params, tokens)
+        options = dict(layout=layout, prefix_len=args.prefix_len, beam_size=args.beam_size, top_n=args.top_n,
+                       params=params)
+        aligned = multi_context_decode(decode, enc_states, enc_mask, (LFV_ID, SFV_ID), **options)
+        grouped = multi_context_decode(decode_grouped, enc_states, enc_mask, (LFV_ID, SFV_ID), grouped=True,
+                                       **options)
+        codes_equal = all(np.array_equal(aligned[c][0], grouped[c][0]) for c in (LFV_ID, SFV_ID))
+        score_diff = max(float(np.max(np.abs(np.asarray(aligned[c][1]) - np.asarray(grouped[c][1]))))
+                         for c in (LFV_ID, SFV_ID))
+        print(f"grouped vs in-decoder (2 contexts): codes equal {codes_equal}, max |score diff| {score_diff:.2e}")
+        results["grouped"]["codes_equal_in_decoder"] = float(codes_equal)
+        results["grouped"]["max_score_diff_in_decoder"] = score_diff
 
     header = f"{'measure (seconds per batch of ' + str(args.users) + ' users)':<48}" + "".join(
         f"{feed:>16}" for feed in feeds)

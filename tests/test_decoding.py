@@ -18,6 +18,7 @@ from flax import linen as nn
 from tokenminds_model import decoding
 from tokenminds_model.decoding import (SENTINEL_CODE, PrefixConstraint, beam_search, multi_context_decode,
                                        separate_decode)
+from tokenminds_model.model import ModelConfig, model_functions
 from tokenminds_model.vocabulary import LFV_ID, PAD_ID, SFV_ID, VocabularyLayout
 
 D_MODEL = 16
@@ -45,6 +46,18 @@ def make_logits_fn(vocab_size: int, seed: int):
         return (jnp.tanh(hidden + context)[..., :, None] * out).sum(axis=-2)
 
     return logits_fn
+
+
+def make_grouped(logits_fn):
+    """The grouped-contract version of a batch-aligned ``logits_fn`` (decoder_inputs [B, R, t] -> [B, R, t, V]).
+    It tiles the states itself, so (with the batch-invariant ``make_logits_fn``) its logits are bitwise those of the
+    batch-aligned path: tests of the grouped plumbing (row order, reshapes) can then compare exactly."""
+    def grouped(enc_states, enc_mask, decoder_inputs):
+        users, rows, length = decoder_inputs.shape
+        logits = logits_fn(jnp.repeat(enc_states, rows, axis=0), jnp.repeat(enc_mask, rows, axis=0),
+                           decoder_inputs.reshape(users * rows, length))
+        return logits.reshape(users, rows, length, -1)
+    return grouped
 
 
 def encoder_states(seed: int, users: int = USERS):
@@ -379,6 +392,99 @@ def test_multi_context_is_one_batched_decoder_call_per_level():
                                     constraint=constraint if condition == LFV_ID else None)
         np.testing.assert_array_equal(multi[condition][0], codes)
         np.testing.assert_array_equal(multi[condition][1], scores)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grouped logits functions (grouped=True).
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("representation", [None, "dense", "sparse"])
+def test_grouped_multi_context_equals_batch_aligned_and_separate(representation):
+    layout = make_layout(4)
+    base = make_logits_fn(layout.vocab_size, seed=31)
+    calls = []
+
+    def grouped_fn(enc_states, enc_mask, decoder_inputs):
+        calls.append((enc_states.shape, enc_mask.shape, decoder_inputs.shape))
+        return make_grouped(base)(enc_states, enc_mask, decoder_inputs)
+
+    enc_states, enc_mask = encoder_states(seed=31)
+    rng = np.random.default_rng(31)
+    constraints = None
+    if representation is not None:  # LFV constrained, SFV unconstrained: one run mixes both
+        constraints = {LFV_ID: PrefixConstraint.from_codes(rng.integers(0, 4, size=(12, 3)), 3, 4,
+                                                           representation=representation)}
+    conditions = (LFV_ID, SFV_ID)
+    options = dict(layout=layout, prefix_len=3, beam_size=6, top_n=5, constraints=constraints)
+    grouped = multi_context_decode(grouped_fn, enc_states, enc_mask, conditions, grouped=True, **options)
+    aligned = multi_context_decode(base, enc_states, enc_mask, conditions, **options)
+    # One trace; per level ONE call on un-tiled states [B, ...] with [B, C * beam, t] rows (level 0: [B, C, 1]).
+    assert calls == [((USERS, ENC_LEN, D_MODEL), (USERS, ENC_LEN), (USERS, 2, 1)),
+                     ((USERS, ENC_LEN, D_MODEL), (USERS, ENC_LEN), (USERS, 2 * 6, 2)),
+                     ((USERS, ENC_LEN, D_MODEL), (USERS, ENC_LEN), (USERS, 2 * 6, 3))]
+    for condition in conditions:
+        constraint = (constraints or {}).get(condition)
+        separate = beam_search(make_grouped(base), enc_states, enc_mask, condition, layout, 3, beam_size=6, top_n=5,
+                               constraint=constraint, grouped=True)
+        reference = beam_search(base, enc_states, enc_mask, condition, layout, 3, beam_size=6, top_n=5,
+                                constraint=constraint)
+        for result in (grouped[condition], aligned[condition], separate):
+            np.testing.assert_array_equal(result[0], reference[0])
+            np.testing.assert_array_equal(result[1], reference[1])
+        if constraint is not None:
+            assert constraint.contains(np.asarray(grouped[condition][0])).all()
+    assert not np.array_equal(grouped[LFV_ID][1], grouped[SFV_ID][1])
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_grouped_beam_search_is_exact_with_a_wide_beam(constrained):
+    layout = make_layout(4)
+    base = make_logits_fn(layout.vocab_size, seed=32)
+    enc_states, enc_mask = encoder_states(seed=32)
+    catalogue = np.random.default_rng(32).integers(0, 4, size=(20, 3)) if constrained else None
+    constraint = PrefixConstraint.from_codes(catalogue, 3, 4) if constrained else None
+    multi = multi_context_decode(make_grouped(base), enc_states, enc_mask, layout=layout, prefix_len=3,
+                                 beam_size=16, top_n=10, grouped=True,
+                                 constraints={SFV_ID: constraint} if constrained else None)
+    for condition in (LFV_ID, SFV_ID):
+        prefixes, all_scores = exhaustive_scores(base, enc_states, enc_mask, condition, layout, 3)
+        reference = exhaustive_top_n(prefixes, all_scores, 10, catalogue=catalogue if condition == SFV_ID else None)
+        assert_same_top_n(*multi[condition], *reference)
+
+
+GROUPED_MODEL_CONFIG = ModelConfig(vocab_size=FLAX_LAYOUT.vocab_size, max_tokens=ENC_LEN, num_targets=2, target_len=4,
+                                   d_model=16, num_heads=2, encoder_layers=1, decoder_layers=2, mlp_dim=32,
+                                   embedding_dim=8)
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_token_minds_decode_grouped_equals_batch_aligned_decode(flax_setup, constrained):
+    """The real model: ``decode_grouped`` (memory once per user) with ``grouped=True`` gives the codes of
+    ``decode`` on tiled states, and of separate per-context decoding, scores to float tolerance; with a wide beam
+    both equal exhaustive search."""
+    _, tokens = flax_setup
+    fns = model_functions(GROUPED_MODEL_CONFIG)
+    params = fns.init(jax.random.key(3))
+    enc_states, enc_mask = jax.jit(fns.encode)(params, tokens)
+    rng = np.random.default_rng(33)
+    catalogue = rng.integers(0, 4, size=(12, 3)) if constrained else None
+    constraints = {SFV_ID: PrefixConstraint.from_codes(catalogue, 3, 4)} if constrained else None
+    for beam_size, top_n in ((5, 4), (16, 16)):
+        options = dict(layout=FLAX_LAYOUT, prefix_len=3, beam_size=beam_size, top_n=top_n, params=params,
+                       constraints=constraints)
+        grouped = multi_context_decode(fns.decode_grouped, enc_states, enc_mask, grouped=True, **options)
+        aligned = multi_context_decode(fns.decode, enc_states, enc_mask, **options)
+        separate = separate_decode(fns.encode, fns.decode_grouped, tokens, grouped=True, **options)
+        for condition in (LFV_ID, SFV_ID):
+            for other in (aligned, separate):
+                np.testing.assert_array_equal(grouped[condition][0], other[condition][0])
+                np.testing.assert_array_equal(np.isneginf(grouped[condition][1]), np.isneginf(other[condition][1]))
+                np.testing.assert_allclose(grouped[condition][1], other[condition][1], rtol=1e-5, atol=1e-5)
+            if beam_size == 16:  # >= K**(L-1): exact
+                prefixes, all_scores = exhaustive_scores(jax.jit(fns.decode), enc_states, enc_mask, condition,
+                                                         FLAX_LAYOUT, 3, params=params)
+                reference = exhaustive_top_n(prefixes, all_scores, top_n,
+                                             catalogue=catalogue if condition == SFV_ID else None)
+                assert_same_top_n(*grouped[condition], *reference)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -277,6 +277,39 @@ def test_k_targets_share_one_encoder_pass(examples, batch):
     np.testing.assert_allclose(float(loss), float(separate_loss), rtol=1e-5)
 
 
+def test_decode_grouped_equals_decode_on_tiled_rows(examples, batch):
+    """R decoder rows per user folded into the sequence axis (memory read once per user) give, block by block, the
+    logits of ``decode`` on the encoder states tiled to one row per (user, row)."""
+    config = examples["config"]
+    fns = model_functions(config)
+    inputs, params = batch
+    rows = 5
+    rng = np.random.default_rng(3)
+    layout = examples["layout"]
+    enc_states, enc_mask = jax.jit(fns.encode)(params, inputs["tokens"])
+    batch_size = enc_states.shape[0]
+    memory_rows = []
+
+    def count_memory(next_fun, args, kwargs, context):
+        if isinstance(context.module, model_lib.Decoder) and context.method_name == "__call__":
+            memory_rows.append(args[0].shape[0])
+        return next_fun(*args, **kwargs)
+
+    for length in range(1, config.sid_length + 1):
+        conditions = rng.choice([LFV_ID, SFV_ID], size=(batch_size, rows, 1))
+        codes = rng.integers(0, CODEBOOK, size=(batch_size, rows, length - 1))
+        sid = layout.sid_start + CODEBOOK * np.arange(length - 1)[None, None, :] + codes
+        decoder_inputs = jnp.asarray(np.concatenate([conditions, sid], axis=2), jnp.int32)
+        with nn.intercept_methods(count_memory):
+            grouped = jax.jit(fns.decode_grouped)(params, enc_states, enc_mask, decoder_inputs)
+        assert memory_rows[-1] == batch_size  # the memory (and its cross-attention K/V) once per user
+        tiled = jax.jit(fns.decode)(params, jnp.repeat(enc_states, rows, axis=0), jnp.repeat(enc_mask, rows, axis=0),
+                                    decoder_inputs.reshape(batch_size * rows, length))
+        assert grouped.shape == (batch_size, rows, length, config.vocab_size) and grouped.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(grouped),
+                                   np.asarray(tiled).reshape(batch_size, rows, length, -1), rtol=1e-5, atol=1e-5)
+
+
 def test_encoder_gets_gradients_only_through_cross_attention(examples, batch):
     config = examples["config"]
     inputs, params = batch

@@ -41,7 +41,19 @@ Beam search
     Cost note: the encoder states are materialised once per beam row (``[C * B * beam_size, T, ...]``), as the
     batch-aligned ``logits_fn`` contract requires, and a decoder that projects cross-attention keys/values itself
     redoes that projection per row and level; passing precomputed per-layer keys/values as the ``enc_states`` pytree
-    avoids the latter (bench/decoding.py measures both).
+    avoids the latter, and the grouped contract below avoids both (bench/decoding.py measures all three).
+
+Grouped logits functions (``grouped=True``)
+    Every public decoder takes ``grouped=False`` (keyword). With ``grouped=True`` the logits function has the
+    *grouped* contract instead: ``logits_fn([params,] enc_states, enc_mask, decoder_inputs int[B, R, t]) ->
+    logits[B, R, t, V]``, where the R rows of group ``b`` all read user ``b``'s encoder states (leading dimension
+    B, passed un-tiled). ``_decode`` then never tiles the encoder states: it regroups its ``[C * B * beam_size, t]``
+    decoder rows (row order (context, user, beam)) into ``[B, C * beam_size, t]`` (per user: context-major, then
+    beam; level 0: ``[B, C, 1]``) and maps the logits back, so a model can compute the memory and its
+    cross-attention keys/values once per user and level (``model.ModelFunctions.decode_grouped`` folds the R rows
+    into its decoder's sequence axis with a block-diagonal causal mask, as training does for the K targets). Codes
+    and scores equal the batch-aligned path's for an equivalent function (scores up to float rounding). ``grouped``
+    is a static argument: each setting compiles separately.
 
 Sentinels
     When fewer than ``top_n`` valid prefixes exist (constrained by a small catalogue, or ``codebook_size ** prefix_len
@@ -50,7 +62,8 @@ Sentinels
 Multi-context decoding
     ``multi_context_decode`` decodes several conditions (default ``<LFV>`` and ``<SFV>``) from ONE set of encoder
     states: the contexts are stacked along the batch dimension (``[C * B * beam_size, t]`` decoder rows, all reading
-    the same user's encoder states) and run as one batched decoder call per level. ``separate_decode`` is the baseline
+    the same user's encoder states) and run as one batched decoder call per level (with ``grouped=True``, as
+    ``[B, C * beam_size, t]`` row groups over the un-tiled encoder states). ``separate_decode`` is the baseline
     it replaces: one full encoder pass plus one beam search per context.
 
 Constraints (``PrefixConstraint``)
@@ -328,11 +341,24 @@ def _tile_batch(tree: Any, contexts: int, repeats: int) -> Any:
     return jax.tree_util.tree_map(tile, tree)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "with_params", "sid_start", "codebook_size", "prefix_len",
-                                             "beam_size", "top_n"))
+def _group_rows(x: jax.Array, contexts: int, users: int, repeats: int) -> jax.Array:
+    """[contexts * users * repeats, ...] in row order (context, user, repeat) -> [users, contexts * repeats, ...]
+    (per user: context-major, then repeat)."""
+    x = x.reshape((contexts, users, repeats) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((users, contexts * repeats) + x.shape[3:])
+
+
+def _ungroup_rows(x: jax.Array, contexts: int, users: int, repeats: int) -> jax.Array:
+    """The inverse of ``_group_rows``: [users, contexts * repeats, ...] -> [contexts * users * repeats, ...]."""
+    x = x.reshape((users, contexts, repeats) + x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape((contexts * users * repeats,) + x.shape[3:])
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "with_params", "grouped", "sid_start", "codebook_size",
+                                             "prefix_len", "beam_size", "top_n"))
 def _decode(params: Any, enc_states: Any, enc_mask: Any, condition_tokens: jax.Array,
             tables: Optional[_StackedTables], *, logits_fn: LogitsFn, with_params: bool, sid_start: int,
-            codebook_size: int, prefix_len: int, beam_size: int, top_n: int) -> DecodeResult:
+            codebook_size: int, prefix_len: int, beam_size: int, top_n: int, grouped: bool = False) -> DecodeResult:
     """Beam search for C contexts at once. Returns codes int32[C, B, top_n, L] and scores float32[C, B, top_n]."""
     TRACE_COUNTS["decode"] += 1
     K, N, L = codebook_size, beam_size, prefix_len
@@ -340,13 +366,33 @@ def _decode(params: Any, enc_states: Any, enc_mask: Any, condition_tokens: jax.A
     B = jax.tree_util.tree_leaves(enc_states)[0].shape[0]
     CB = C * B
 
-    def call(states, mask, inputs):
-        logits = logits_fn(params, states, mask, inputs) if with_params else logits_fn(states, mask, inputs)
-        if logits.ndim != 3 or logits.shape[:2] != inputs.shape:
-            raise ValueError(f"logits_fn must return [N, t, V] for decoder inputs {inputs.shape}, got {logits.shape}")
+    def apply(states, mask, inputs):
+        return logits_fn(params, states, mask, inputs) if with_params else logits_fn(states, mask, inputs)
+
+    def check_vocab(logits):
         if logits.shape[-1] < sid_start + L * K:
             raise ValueError(f"logits have {logits.shape[-1]} ids, fewer than the SID ranges need "
                              f"({sid_start + L * K})")
+
+    tiled: Dict[int, Tuple[Any, Any]] = {}
+
+    def call(inputs, repeats):
+        """Last-position logits float32[rows, V] for decoder rows ``inputs`` int32[C * B * repeats, t] (row order
+        (context, user, repeat))."""
+        if grouped:
+            rows = _group_rows(inputs, C, B, repeats)                           # [B, C * repeats, t]
+            logits = apply(enc_states, enc_mask, rows)
+            if logits.ndim != 4 or logits.shape[:3] != rows.shape:
+                raise ValueError(f"a grouped logits_fn must return [B, R, t, V] for decoder inputs {rows.shape}, "
+                                 f"got {logits.shape}")
+            check_vocab(logits)
+            return _ungroup_rows(logits[:, :, -1, :], C, B, repeats).astype(jnp.float32)
+        if repeats not in tiled:
+            tiled[repeats] = (_tile_batch(enc_states, C, repeats), _tile_batch(enc_mask, C, repeats))
+        logits = apply(*tiled[repeats], inputs)
+        if logits.ndim != 3 or logits.shape[:2] != inputs.shape:
+            raise ValueError(f"logits_fn must return [N, t, V] for decoder inputs {inputs.shape}, got {logits.shape}")
+        check_vocab(logits)
         return logits[:, -1, :].astype(jnp.float32)                            # [rows, V]
 
     def level_log_probs(logits, level):
@@ -357,23 +403,18 @@ def _decode(params: Any, enc_states: Any, enc_mask: Any, condition_tokens: jax.A
     condition_of_user = condition_tokens.astype(jnp.int32)[context_of_user]                # [CB]
 
     # Level 0: every beam has the empty prefix, so run the decoder once per (context, user).
-    log_probs = level_log_probs(call(_tile_batch(enc_states, C, 1), _tile_batch(enc_mask, C, 1),
-                                     condition_of_user[:, None]), 0)                       # [CB, K]
+    log_probs = level_log_probs(call(condition_of_user[:, None], 1), 0)                    # [CB, K]
     log_probs = jnp.broadcast_to(log_probs[:, None, :], (CB, N, K))
     scores = jnp.concatenate([jnp.zeros((CB, 1), jnp.float32), jnp.full((CB, N - 1), -jnp.inf, jnp.float32)], 1)
     codes = jnp.zeros((CB, N, 0), jnp.int32)
     state = jnp.zeros((CB, N), jnp.int32)
 
-    repeated_states = repeated_mask = None
     for level in range(L):
         if level > 0:
-            if repeated_states is None:
-                repeated_states = _tile_batch(enc_states, C, N)                             # [CB*N, T, ...]
-                repeated_mask = _tile_batch(enc_mask, C, N)
             level_offsets = sid_start + K * jnp.arange(level, dtype=jnp.int32)
             inputs = jnp.concatenate([jnp.repeat(condition_of_user, N)[:, None],
                                       (codes + level_offsets).reshape(CB * N, level)], axis=1)
-            log_probs = level_log_probs(call(repeated_states, repeated_mask, inputs), level).reshape(CB, N, K)
+            log_probs = level_log_probs(call(inputs, N), level).reshape(CB, N, K)
         if tables is not None:
             allowed, next_state = _level_mask(tables, level, jnp.repeat(context_of_user, N), state.reshape(-1), K)
             log_probs = jnp.where(allowed.reshape(CB, N, K), log_probs, -jnp.inf)
@@ -400,7 +441,8 @@ def _check_args(layout: VocabularyLayout, prefix_len: int, beam_size: int, top_n
 
 def _run(logits_fn, enc_states, enc_mask, condition_tokens: Sequence[int], layout: VocabularyLayout,
          prefix_len: int, beam_size: int, top_n: int,
-         constraints: Optional[Sequence[Optional[PrefixConstraint]]], params: Any) -> DecodeResult:
+         constraints: Optional[Sequence[Optional[PrefixConstraint]]], params: Any,
+         grouped: bool = False) -> DecodeResult:
     _check_args(layout, prefix_len, beam_size, top_n)
     tables = None
     if constraints is not None and any(c is not None for c in constraints):
@@ -411,7 +453,7 @@ def _run(logits_fn, enc_states, enc_mask, condition_tokens: Sequence[int], layou
     return _decode(params, enc_states, enc_mask, jnp.asarray(list(condition_tokens), jnp.int32), tables,
                    logits_fn=logits_fn, with_params=params is not None, sid_start=layout.sid_start,
                    codebook_size=layout.codebook_size, prefix_len=int(prefix_len), beam_size=int(beam_size),
-                   top_n=int(top_n))
+                   top_n=int(top_n), grouped=bool(grouped))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,15 +462,16 @@ def _run(logits_fn, enc_states, enc_mask, condition_tokens: Sequence[int], layou
 def beam_search(logits_fn: LogitsFn, enc_states: Any, enc_mask: Any, condition_token: int,
                 layout: VocabularyLayout, prefix_len: int, beam_size: int = DEFAULT_BEAM_SIZE,
                 top_n: int = DEFAULT_TOP_N, constraint: Optional[PrefixConstraint] = None, *,
-                params: Any = None) -> DecodeResult:
+                params: Any = None, grouped: bool = False) -> DecodeResult:
     """Top-``top_n`` SID prefixes of length ``prefix_len`` for each of B users under one condition token.
 
     Returns ``(sid_codes int32[B, top_n, prefix_len], scores float32[B, top_n])``, best first; scores are total
     log-probabilities (see the module docstring), ``-inf`` with codes ``-1`` in slots without a valid prefix.
-    ``condition_token`` is traced, so LFV and SFV calls of the same shapes share one compilation.
+    ``condition_token`` is traced, so LFV and SFV calls of the same shapes share one compilation. ``grouped=True``:
+    ``logits_fn`` has the grouped contract (module docstring).
     """
     codes, scores = _run(logits_fn, enc_states, enc_mask, (int(condition_token),), layout, prefix_len, beam_size,
-                         top_n, None if constraint is None else (constraint,), params)
+                         top_n, None if constraint is None else (constraint,), params, grouped)
     return codes[0], scores[0]
 
 
@@ -436,14 +479,16 @@ def multi_context_decode(logits_fn: LogitsFn, enc_states: Any, enc_mask: Any,
                          condition_tokens: Sequence[int] = (LFV_ID, SFV_ID), *, layout: VocabularyLayout,
                          prefix_len: int, beam_size: int = DEFAULT_BEAM_SIZE, top_n: int = DEFAULT_TOP_N,
                          constraints: Optional[Mapping[int, Optional[PrefixConstraint]]] = None,
-                         params: Any = None) -> Dict[int, DecodeResult]:
+                         params: Any = None, grouped: bool = False) -> Dict[int, DecodeResult]:
     """Beam search for every condition token from one set of encoder states, as one batched decoder run.
 
     The C contexts are stacked along the batch dimension: each level calls ``logits_fn`` once on
     ``[C * B * beam_size, t]`` decoder inputs (level 0: ``[C * B, 1]``) whose rows all read the same user's
     encoder states. ``constraints`` maps a condition token to its catalogue's ``PrefixConstraint`` (missing or None =
     unconstrained). Returns ``{condition_token: (codes int32[B, top_n, prefix_len], scores float32[B, top_n])}``,
-    each equal to ``beam_search`` for that condition alone.
+    each equal to ``beam_search`` for that condition alone. ``grouped=True``: ``logits_fn`` has the grouped
+    contract (module docstring) and is called once per level on ``[B, C * beam_size, t]`` rows (level 0:
+    ``[B, C, 1]``) with the un-tiled encoder states.
     """
     condition_tokens = tuple(int(c) for c in condition_tokens)
     if not condition_tokens or len(set(condition_tokens)) != len(condition_tokens):
@@ -455,7 +500,7 @@ def multi_context_decode(logits_fn: LogitsFn, enc_states: Any, enc_mask: Any,
             raise ValueError(f"constraints for conditions {sorted(unknown)} not in {condition_tokens}")
         per_context = [constraints.get(c) for c in condition_tokens]
     codes, scores = _run(logits_fn, enc_states, enc_mask, condition_tokens, layout, prefix_len, beam_size, top_n,
-                         per_context, params)
+                         per_context, params, grouped)
     return {c: (codes[i], scores[i]) for i, c in enumerate(condition_tokens)}
 
 
@@ -468,7 +513,7 @@ def separate_decode(encode_fn: Callable, logits_fn: LogitsFn, encoder_inputs: An
                     condition_tokens: Sequence[int] = (LFV_ID, SFV_ID), *, layout: VocabularyLayout,
                     prefix_len: int, beam_size: int = DEFAULT_BEAM_SIZE, top_n: int = DEFAULT_TOP_N,
                     constraints: Optional[Mapping[int, Optional[PrefixConstraint]]] = None,
-                    params: Any = None) -> Dict[int, DecodeResult]:
+                    params: Any = None, grouped: bool = False) -> Dict[int, DecodeResult]:
     """The baseline ``multi_context_decode`` replaces: for each condition, a full encoder pass
     (``encode_fn(encoder_inputs)`` or ``encode_fn(params, encoder_inputs)`` -> ``(enc_states, enc_mask)``, jitted)
     followed by its own ``beam_search``. Same return value as ``multi_context_decode``."""
@@ -478,5 +523,6 @@ def separate_decode(encode_fn: Callable, logits_fn: LogitsFn, encoder_inputs: An
     for condition in condition_tokens:
         enc_states, enc_mask = encode(params, encoder_inputs) if params is not None else encode(encoder_inputs)
         results[int(condition)] = beam_search(logits_fn, enc_states, enc_mask, int(condition), layout, prefix_len,
-                                              beam_size, top_n, constraints.get(int(condition)), params=params)
+                                              beam_size, top_n, constraints.get(int(condition)), params=params,
+                                              grouped=grouped)
     return results

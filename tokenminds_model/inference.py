@@ -5,8 +5,8 @@ through a Beam ``ModelHandler``), evaluation and the benchmarks, so they cannot 
 decoding settings.
 
 Per call: ONE encoder pass per user, the pooled user embedding from those encoder states, then multi-context beam
-search (``decoding.multi_context_decode``) for every condition token the model serves, all reading the same encoder
-states. Inputs are padded to a fixed batch size (and cropped to ``config.max_tokens`` whole events by
+search (``decoding.multi_context_decode``, grouped: ``ModelFunctions.decode_grouped`` projects each user's memory once
+per level for all of its beams) for every condition token the model serves, all reading the same encoder states. Inputs are padded to a fixed batch size (and cropped to ``config.max_tokens`` whole events by
 ``model.fit_history``), so every call has the same shapes and the jitted function compiles once per process.
 
 Pure JAX/NumPy: no Beam or TensorFlow imports.
@@ -80,10 +80,12 @@ class UserInference:
         def run(params, tokens, soft):
             enc_states, enc_mask = fns.encode(params, tokens, soft)
             embeddings = fns.user_embedding(params, enc_states, enc_mask)
+            # Grouped decoding: each user's memory (and its cross-attention keys/values) is projected once per
+            # level for all of its C * beam_size rows, not once per row.
             decoded = decoding.multi_context_decode(
-                fns.decode, enc_states, enc_mask, self.condition_tokens, layout=self.layout,
+                fns.decode_grouped, enc_states, enc_mask, self.condition_tokens, layout=self.layout,
                 prefix_len=self.prefix_len, beam_size=settings.beam_size, top_n=settings.top_n,
-                constraints=self.constraints or None, params=params)
+                constraints=self.constraints or None, params=params, grouped=True)
             return embeddings, decoded
 
         return jax.jit(run)

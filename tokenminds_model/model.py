@@ -419,6 +419,29 @@ class TokenMindsModel(nn.Module):
         self_mask = nn.make_causal_mask(decoder_inputs)
         return self.decoder(memory, memory_mask, decoder_inputs, jnp.arange(length), self_mask, deterministic)
 
+    def decode_grouped(self, enc_states: jax.Array, enc_mask: jax.Array, decoder_inputs: jax.Array,
+                       deterministic: bool = True) -> jax.Array:
+        """``decode`` for R decoder rows per user, reading the memory once: ``decoder_inputs int[B, R, t]`` (row r
+        of group b reads user b's encoder states ``[B, T, d]``) -> ``logits float32[B, R, t, vocab_size]``.
+
+        The R rows are folded into the decoder's sequence axis (``[B, R * t]``) with a block-diagonal causal mask
+        and positions ``0..t-1`` repeated per row, exactly as ``__call__`` folds the K training targets, so the
+        memory and its cross-attention keys/values are computed once per user instead of once per row. Block r
+        equals ``decode`` of that row alone (the masked attention weights are exactly zero). This is the grouped
+        ``logits_fn`` contract of ``tokenminds_model.decoding`` (``grouped=True``).
+        """
+        batch, rows, length = decoder_inputs.shape
+        if length > self.config.sid_length:
+            raise ValueError(f"decoder inputs have {length} tokens; the model decodes at most "
+                             f"{self.config.sid_length} (condition token + L-1 SID tokens)")
+        memory, memory_mask = self.memory(enc_states, enc_mask)
+        inputs = decoder_inputs.reshape(batch, rows * length)
+        block = jnp.arange(rows * length) // length
+        positions = jnp.arange(rows * length) % length
+        self_mask = ((block[:, None] == block[None, :]) & (positions[:, None] >= positions[None, :]))[None, None]
+        logits = self.decoder(memory, memory_mask, inputs, positions, self_mask, deterministic)
+        return logits.reshape(batch, rows, length, -1)
+
     def __call__(self, tokens: jax.Array, targets: jax.Array, soft_features: Optional[jax.Array] = None,
                  deterministic: bool = True) -> jax.Array:
         """Teacher-forced logits ``float32[B, K, L, vocab_size]`` for ``targets int[B, K, 1 + L]``.
@@ -481,7 +504,8 @@ def target_loss(logits: jax.Array, targets: jax.Array, num_targets: jax.Array) -
 class ModelFunctions:
     """Pure functions of ``params`` for one config. Get them from :func:`model_functions` (cached per config), so
     ``model_functions(config).decode`` is always the same (equal, equally hashed) bound method: pass it to
-    ``decoding.beam_search(..., params=params)`` as ``logits_fn`` and repeated calls share one compilation."""
+    ``decoding.beam_search(..., params=params)`` as ``logits_fn`` and repeated calls share one compilation (likewise
+    ``decode_grouped`` with ``grouped=True``, which projects each user's memory once instead of once per beam)."""
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -517,6 +541,13 @@ class ModelFunctions:
                decoder_inputs: jax.Array) -> jax.Array:
         return self.module.apply({"params": params}, enc_states, enc_mask, decoder_inputs,
                                  method=TokenMindsModel.decode)
+
+    def decode_grouped(self, params: Params, enc_states: jax.Array, enc_mask: jax.Array,
+                       decoder_inputs: jax.Array) -> jax.Array:
+        """``decoder_inputs int[B, R, t]`` -> ``logits float32[B, R, t, V]``, memory projected once per user: pass
+        to ``decoding.multi_context_decode(..., params=params, grouped=True)``."""
+        return self.module.apply({"params": params}, enc_states, enc_mask, decoder_inputs,
+                                 method=TokenMindsModel.decode_grouped)
 
     def embed_users(self, params: Params, tokens: jax.Array, soft_features: Optional[jax.Array] = None) -> jax.Array:
         """Dense user embeddings ``float32[B, embedding_dim]`` straight from tokens."""

@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 WORKDIR ?= workdir
 RUNNER ?= --runner=FnApiRunner
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench ablations clean
 
 install: $(INSTALLED)
 
@@ -26,6 +26,11 @@ test: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) -m bench.run_all
+
+# The paper's Table 1 directions (full model vs K=1, next-watch, full-depth SIDs, no searches) on a generated sample;
+# DATASET=movielens for MovieLens-1M after scripts/run_movielens.sh. About an hour on 2 cores.
+ablations: $(INSTALLED)
+	PY=$(abspath $(PY)) WORK=$(WORKDIR)/ablations bash scripts/run_ablations.sh
 
 clean:
 	rm -rf $(WORKDIR)

@@ -107,8 +107,8 @@ class UserInference:
         total = tokens.shape[0]
         pieces = []
         for start in range(0, total, self.batch_size):
-            batch_tokens = _pad_rows(tokens[start:start + self.batch_size], self.batch_size, PAD_ID)
-            batch_soft = None if soft is None else _pad_rows(soft[start:start + self.batch_size], self.batch_size, 0)
+            batch_tokens = pad_rows(tokens[start:start + self.batch_size], self.batch_size, PAD_ID)
+            batch_soft = None if soft is None else pad_rows(soft[start:start + self.batch_size], self.batch_size, 0)
             embeddings, decoded = self._embed_and_decode(self.params, batch_tokens, batch_soft)
             pieces.append(jax.device_get((embeddings, decoded)))
         keep = [min(self.batch_size, total - start) for start in range(0, total, self.batch_size)]
@@ -122,7 +122,7 @@ class UserInference:
         return UserOutputs(embeddings=embeddings, codes=codes, scores=scores)
 
 
-def _pad_rows(array: np.ndarray, rows: int, value) -> np.ndarray:
+def pad_rows(array: np.ndarray, rows: int, value) -> np.ndarray:
     if array.shape[0] == rows:
         return array
     padding = np.full((rows - array.shape[0],) + array.shape[1:], value, array.dtype)

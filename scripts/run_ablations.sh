@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# The paper's Table 1 directions on the generated sample: one model per variant, the same training budget, the same
+# eval day, Session / Cold-start Recall@10 per scenario in one table.
+#
+# Usage: bash scripts/run_ablations.sh                   (all phases, generated sample)
+#        PHASE=prepare bash scripts/run_ablations.sh     (only the shared daily flow)
+#        PHASE=table bash scripts/run_ablations.sh       (only print the table of what has been evaluated)
+#        DATASET=movielens bash scripts/run_ablations.sh (MovieLens-1M, see below)
+#   env (defaults): PY=.venv/bin/python WORK=workdir/ablations RESULTS=workdir/ablations/results USERS=1000
+#                   STEPS=300 BATCH=32 VARIANTS="full k1 next full_depth no_searches"
+#                   EVAL_PROTOCOLS=session,cold_start
+#                   ML_SOURCE=workdir/movielens (a finished scripts/run_movielens.sh tree, DAY=2000-11-20)
+#
+# Days: 9 days of data, 2026-01-01..09. The eval day is D = 2026-01-08: its cold-start look-ahead window needs D+1
+# (2026-01-09), which is why a 9th day is generated. Training uses the examples of 2026-01-01..06: an example of day
+# d looks ahead into d+1, so day 6's windows end inside day 7 and no training target is a watch of the eval day
+# (examples of day 7 would train on day-8 watches, the eval targets themselves).
+#
+# Shared by every variant: raw data, validation, SID model, SIDs, histories, query tokenizer, feature transform
+# (WORK/out). Per variant: examples (--examples_output), model, eval sets (under WORK/variants/<v>/), evaluation.
+# Each variant's eval sets are built with the variant's own sequence options, so its model reads histories in the
+# format it was trained on (e.g. full-depth SID tokens); Recall is always scored at prefix L = 2.
+#
+# MovieLens-1M (DATASET=movielens): starts from a finished scripts/run_movielens.sh tree (ML_SOURCE; snapshots of
+# 2000-11-19..21, SID model, tokenizer, transform), copied to WORK/ml and extended by two days (validate, assign SIDs,
+# fold histories for 2000-11-22..23). Training: the examples of 2000-11-19..20 (their windows end inside 11-21);
+# eval day 2000-11-22 (its windows need 11-23). Examples of 11-21 would look ahead into the eval day.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-$PWD/.venv/bin/python}
+WORK=${WORK:-workdir/ablations}
+RESULTS=${RESULTS:-workdir/ablations/results}
+USERS=${USERS:-1000}
+STEPS=${STEPS:-300}
+BATCH=${BATCH:-32}
+PHASE=${PHASE:-all}
+EVAL_PROTOCOLS=${EVAL_PROTOCOLS:-session,cold_start}  # what the table reads; "" or all four for full reports
+VARIANTS=${VARIANTS:-"full k1 next full_depth no_searches"}
+DATASET=${DATASET:-sample}
+ML_SOURCE=${ML_SOURCE:-workdir/movielens}
+if [[ "$DATASET" == movielens ]]; then
+  TRAIN_START=2000-11-19; TRAIN_END=2000-11-20; EVAL_DAY=2000-11-22; ROOT=$WORK/ml; EXTRA=(--embedding_dim=384)
+else
+  START=2026-01-01; END=2026-01-09; TRAIN_START=2026-01-01; TRAIN_END=2026-01-06; EVAL_DAY=2026-01-08
+  ROOT=$WORK; EXTRA=()
+fi
+RAW=$ROOT/raw; OUT=$ROOT/out
+RUNNER=(--runner=FnApiRunner)
+export TF_CPP_MIN_LOG_LEVEL=3
+mkdir -p "$WORK" "$RESULTS"
+
+step() { printf '\n=== %s [%s]\n' "$*" "$(date +%T)"; }
+
+variant_flags() {  # the build_examples / build_eval_sets sequence options of a variant
+  case "$1" in
+    full) echo "" ;;
+    k1) echo "--max_targets=1" ;;
+    next) echo "--target_mode=next" ;;
+    full_depth) echo "--full_depth_sids" ;;
+    no_searches) echo "--no_searches" ;;
+    *) echo "unknown variant $1" >&2; exit 2 ;;
+  esac
+}
+
+prepare() {
+  if [[ -f "$OUT/.prepared" ]]; then echo "shared flow already in $OUT"; return; fi
+  step "generate $USERS users x 9 days"
+  $PY -m pipelines.make_sample_data --output_root="$RAW" --users="$USERS" --days=9 --seed=0 --start_date=$START
+  local range=(--start_date=$START --end_date=$END)
+  step "validate"
+  $PY -m pipelines.validate_inputs "${range[@]}" --input_root="$RAW" --output_root="$OUT" "${RUNNER[@]}" >/dev/null
+  step "SID model"
+  $PY -m pipelines.train_sid_model --videos="$OUT/validated/videos" --date=$START --output="$OUT/sid_model" \
+    --steps=1000 --overwrite >/dev/null
+  step "SIDs"
+  $PY -m pipelines.assign_sids "${range[@]}" --output_root="$OUT" "${RUNNER[@]}" >/dev/null
+  step "histories"
+  $PY -m pipelines.update_histories "${range[@]}" --output_root="$OUT" --backfill_days=1 "${RUNNER[@]}" >/dev/null
+  step "query tokenizer, feature transform"
+  $PY -m pipelines.train_query_tokenizer "${range[@]}" --output_root="$OUT" "${RUNNER[@]}" >/dev/null
+  $PY -m pipelines.fit_feature_transform --date=$START --output_root="$OUT" "${RUNNER[@]}" >/dev/null
+  touch "$OUT/.prepared"
+}
+
+prepare_movielens() {
+  if [[ -f "$OUT/.prepared" ]]; then echo "MovieLens tree already in $OUT"; return; fi
+  mkdir -p "$ROOT"
+  cp -r "$ML_SOURCE/out" "$ML_SOURCE/raw" "$ROOT/"
+  local range=(--start_date=2000-11-22 --end_date=2000-11-23)
+  step "validate, assign SIDs, fold histories 2000-11-22..23"
+  $PY -m pipelines.validate_inputs "${range[@]}" --input_root="$RAW" --output_root="$OUT" "${EXTRA[@]}" \
+    "${RUNNER[@]}" >/dev/null
+  $PY -m pipelines.assign_sids "${range[@]}" --output_root="$OUT" "${EXTRA[@]}" "${RUNNER[@]}" >/dev/null
+  $PY -m pipelines.update_histories "${range[@]}" --output_root="$OUT" "${RUNNER[@]}" >/dev/null
+  touch "$OUT/.prepared"
+}
+
+run_variant() {
+  local v=$1 dir=$ROOT/variants/$1 flags
+  flags=$(variant_flags "$v")
+  mkdir -p "$dir"
+  if [[ ! -f "$dir/examples/.done" ]]; then
+    step "[$v] examples $TRAIN_START..$TRAIN_END $flags"
+    # shellcheck disable=SC2086
+    $PY -m pipelines.build_examples --start_date=$TRAIN_START --end_date=$TRAIN_END --output_root="$OUT" \
+      --examples_output="$dir/examples" $flags "${RUNNER[@]}"
+    touch "$dir/examples/.done"
+  fi
+  if [[ ! -f "$dir/eval_sets/date=$EVAL_DAY/_SUCCESS" ]]; then
+    step "[$v] eval sets $EVAL_DAY"
+    # shellcheck disable=SC2086
+    $PY -m pipelines.build_eval_sets --date=$EVAL_DAY --output_root="$OUT" --eval_output="$dir/eval_sets" \
+      $flags "${RUNNER[@]}"
+  fi
+  local train_dirs=() d=$TRAIN_START
+  while [[ ! "$d" > "$TRAIN_END" ]]; do train_dirs+=("$dir/examples/date=$d"); d=$(date -u -d "$d +1 day" +%F); done
+  if [[ ! -f "$dir/model/model_config.json" ]]; then
+    step "[$v] train $STEPS steps"
+    $PY -m tokenminds_model.train --examples "${train_dirs[@]}" --output="$dir/model" --steps="$STEPS" \
+      --batch_size="$BATCH" --no_progress --no_tensorboard --log_every=100 | grep -v '^RESULT' || true
+  fi
+  if [[ -f "$dir/report/metrics.json" ]]; then echo "[$v] already evaluated: $dir/report"; return; fi
+  step "[$v] evaluate"
+  $PY -m tokenminds_model.evaluate --protocols="$EVAL_PROTOCOLS" --model="$dir/model" --eval_sets="$dir/eval_sets/date=$EVAL_DAY" \
+    --train_examples="$(IFS=,; echo "${train_dirs[*]}")" --video_sids="$OUT/video_sids/date=$EVAL_DAY" \
+    --output="$dir/report" --prefix_len=2 | tail -n 3
+}
+
+table() {
+  $PY - "$ROOT" "$EVAL_DAY" "$DATASET" $VARIANTS <<'PY'
+import json, os, sys
+work, day, dataset, variants = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+rows = []
+header = ["variant", "method"] + [f"{p}/{s}" for p in ("session", "cold_start") for s in ("LFV", "SFV")] + [
+    "stability(self-other)"]
+lines = [f"{dataset}: Recall@10 at prefix L=2, eval day {day}; n = eval cases; last column: mean cosine(perturbed "
+         f"self) - mean cosine(random other user), session protocol",
+         " | ".join(header), " | ".join("---" for _ in header)]
+for v in variants:
+    path = os.path.join(work, "variants", v, "report", "metrics.json")
+    if not os.path.exists(path):
+        lines.append(f"{v} | (missing: {path})")
+        continue
+    m = json.load(open(path))
+    for method in ("model", "most_popular", "user_recent"):
+        cells = []
+        for p in ("session", "cold_start"):
+            for s in ("LFV", "SFV"):
+                cell = m["protocols"].get(p, {}).get("scenarios", {}).get(s, {})
+                r = cell.get("recall@10", {}).get(method)
+                cells.append("-" if r is None else f"{r:.4f} (n={cell['cases']})")
+        stab = m["protocols"].get("session", {}).get("stability", {})
+        gap = "-" if method != "model" or not stab else f"{stab['mean_cosine_perturbed'] - stab['mean_cosine_other']:.3f}"
+        lines.append(" | ".join([v, method] + cells + [gap]))
+print("\n".join(lines))
+PY
+}
+
+prepare_dataset() { if [[ "$DATASET" == movielens ]]; then prepare_movielens; else prepare; fi; }
+case "$PHASE" in
+  prepare) prepare_dataset ;;
+  table) table | tee "$RESULTS/${DATASET}_recall_table.md" ;;
+  all)
+    prepare_dataset
+    for v in $VARIANTS; do run_variant "$v" 2>&1 | tee "$RESULTS/${DATASET}_$v.log"; done
+    table | tee "$RESULTS/${DATASET}_recall_table.md" ;;
+  *) echo "unknown PHASE=$PHASE" >&2; exit 2 ;;
+esac

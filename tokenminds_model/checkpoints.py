@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Union
+from typing import Any, Dict, Sequence, Type, Union
 
 import jax
 import numpy as np
@@ -32,15 +32,48 @@ CHECKPOINT_FORMAT_VERSION = 1
 PathLike = Union[str, os.PathLike]
 
 
-def _as_path(directory: PathLike) -> epath.Path:
+def as_path(directory: PathLike) -> epath.Path:
     text = os.fspath(directory)
     # orbax wants absolute paths; leave URLs (gs://...) alone.
     return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
+def read_json_document(path: epath.Path, filename: str, *, what: str, expected_format: str, format_version: int,
+                       required: Sequence[str], corrupt: Type[Exception] = ValueError,
+                       incomplete: Type[Exception] = FileNotFoundError,
+                       not_a_directory: Type[Exception] = NotADirectoryError) -> Dict[str, Any]:
+    """The JSON document ``<path>/<filename>`` that describes a checkpoint (SID model or user model), checked for
+    format, version and ``required`` keys. Every problem raises naming the directory: FileNotFoundError when the
+    directory is absent, else ``not_a_directory`` / ``incomplete`` (no document: not a checkpoint or an unfinished
+    save) / ``corrupt``, so each checkpoint family keeps its own error types. ``what`` names the family."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} directory does not exist: {path}")
+    if not path.is_dir():
+        raise not_a_directory(f"{what} path is not a directory: {path}")
+    document_path = path / filename
+    if not document_path.exists():
+        raise incomplete(f"{path} has no {filename}: not a {what}, or an incomplete save")
+    try:
+        document = json.loads(document_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise corrupt(f"corrupt {filename} in {path}: not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise corrupt(f"corrupt {filename} in {path}: expected a JSON object")
+    if document.get("format") != expected_format:
+        raise corrupt(f"corrupt {filename} in {path}: format is {document.get('format')!r}, "
+                      f"expected {expected_format!r}")
+    if document.get("format_version") != format_version:
+        raise corrupt(f"{filename} in {path} has format_version {document.get('format_version')!r}; "
+                      f"this code reads version {format_version}")
+    missing = [key for key in required if key not in document]
+    if missing:
+        raise corrupt(f"corrupt {filename} in {path}: missing {missing}")
+    return document
+
+
 def save_sid_model(model: TrainedSIDModel, directory: PathLike, *, overwrite: bool = False) -> epath.Path:
     """Write ``model`` to ``directory`` (created if needed). Refuses to replace a checkpoint unless ``overwrite``."""
-    path = _as_path(directory)
+    path = as_path(directory)
     config_path = path / CONFIG_FILENAME
     if config_path.exists() and not overwrite:
         raise FileExistsError(f"{path} already holds a SID model checkpoint; pass overwrite=True to replace it")
@@ -73,29 +106,10 @@ def save_sid_model(model: TrainedSIDModel, directory: PathLike, *, overwrite: bo
 
 def read_sid_model_config(directory: PathLike) -> Dict[str, Any]:
     """Parse and validate ``<directory>/config.json``; raises with the directory named on any problem."""
-    path = _as_path(directory)
-    if not path.exists():
-        raise FileNotFoundError(f"SID model checkpoint directory does not exist: {path}")
-    if not path.is_dir():
-        raise NotADirectoryError(f"SID model checkpoint path is not a directory: {path}")
-    config_path = path / CONFIG_FILENAME
-    if not config_path.exists():
-        raise FileNotFoundError(f"{path} has no {CONFIG_FILENAME}: not a SID model checkpoint, or an incomplete save")
-    try:
-        document = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"corrupt {CONFIG_FILENAME} in {path}: not valid JSON ({error})") from error
-    if not isinstance(document, dict):
-        raise ValueError(f"corrupt {CONFIG_FILENAME} in {path}: expected a JSON object")
-    if document.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"corrupt {CONFIG_FILENAME} in {path}: format is {document.get('format')!r}, "
-                         f"expected {CHECKPOINT_FORMAT!r}")
-    if document.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-        raise ValueError(f"{CONFIG_FILENAME} in {path} has format_version {document.get('format_version')!r}; "
-                         f"this code reads version {CHECKPOINT_FORMAT_VERSION}")
-    missing = [key for key in ("kind", "version", "config") if key not in document]
-    if missing:
-        raise ValueError(f"corrupt {CONFIG_FILENAME} in {path}: missing {missing}")
+    path = as_path(directory)
+    document = read_json_document(path, CONFIG_FILENAME, what="SID model checkpoint",
+                                  expected_format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_FORMAT_VERSION,
+                                  required=("kind", "version", "config"))
     if document["kind"] not in SID_MODEL_KINDS:
         raise ValueError(f"corrupt {CONFIG_FILENAME} in {path}: unknown kind {document['kind']!r}, "
                          f"expected one of {SID_MODEL_KINDS}")
@@ -104,7 +118,7 @@ def read_sid_model_config(directory: PathLike) -> Dict[str, Any]:
 
 def load_sid_model(directory: PathLike) -> TrainedSIDModel:
     """Restore a model written by :func:`save_sid_model`; its SIDs and version are identical to the saved one's."""
-    path = _as_path(directory)
+    path = as_path(directory)
     document = read_sid_model_config(path)
     kind = document["kind"]
     try:

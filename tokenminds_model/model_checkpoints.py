@@ -38,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from tokenminds_model.checkpoints import as_path, read_json_document
 from tokenminds_model.model import ModelConfig, Params, count_params, model_functions
 from tokenminds_model.vocabulary import VocabularyLayout
 
@@ -58,12 +59,6 @@ PathLike = Union[str, os.PathLike]
 
 class CheckpointError(ValueError):
     """A model checkpoint that is missing, incomplete, corrupt or inconsistent with its own model_config.json."""
-
-
-def as_path(directory: PathLike) -> epath.Path:
-    text = os.fspath(directory)
-    # orbax wants absolute paths; leave URLs (gs://...) alone.
-    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def _tree_digest(tree: Any, digest: "hashlib._Hash") -> None:
@@ -140,29 +135,11 @@ def save_model_checkpoint(directory: PathLike, *, config: ModelConfig, params: P
 def read_checkpoint_document(directory: PathLike) -> Dict[str, Any]:
     """Parse and validate ``<directory>/model_config.json``; raises naming the directory on any problem."""
     path = as_path(directory)
-    if not path.exists():
-        raise FileNotFoundError(f"model checkpoint directory does not exist: {path}")
-    if not path.is_dir():
-        raise CheckpointError(f"model checkpoint path is not a directory: {path}")
-    config_path = path / CONFIG_FILENAME
-    if not config_path.exists():
-        raise CheckpointError(f"{path} has no {CONFIG_FILENAME}: not a model checkpoint, or an incomplete save")
-    try:
-        document = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"corrupt {CONFIG_FILENAME} in {path}: not valid JSON ({error})") from None
-    if not isinstance(document, dict):
-        raise CheckpointError(f"corrupt {CONFIG_FILENAME} in {path}: expected a JSON object")
-    if document.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{CONFIG_FILENAME} in {path} has format {document.get('format')!r}, expected "
-                              f"{CHECKPOINT_FORMAT!r}")
-    if document.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-        raise CheckpointError(f"{CONFIG_FILENAME} in {path} has format_version {document.get('format_version')!r}; "
-                              f"this code reads version {CHECKPOINT_FORMAT_VERSION}")
-    missing = [key for key in ("version", "step", "state_digest", "config", "vocabulary", "feature_spec",
-                               "training_days", "runs") if key not in document]
-    if missing:
-        raise CheckpointError(f"corrupt {CONFIG_FILENAME} in {path}: missing {missing}")
+    document = read_json_document(
+        path, CONFIG_FILENAME, what="model checkpoint", expected_format=CHECKPOINT_FORMAT,
+        format_version=CHECKPOINT_FORMAT_VERSION, corrupt=CheckpointError, incomplete=CheckpointError,
+        not_a_directory=CheckpointError,
+        required=("version", "step", "state_digest", "config", "vocabulary", "feature_spec", "training_days", "runs"))
     _parse(document, path)
     return document
 

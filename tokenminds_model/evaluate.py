@@ -53,13 +53,11 @@ import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import jax
 import numpy as np
 
 from tokenminds_model import data as data_lib
 from tokenminds_model import decoding
-from tokenminds_model.inference import DecodeSettings, UserInference, pad_rows
-from tokenminds_model.model import model_functions
+from tokenminds_model.inference import DecodeSettings, UserInference
 from tokenminds_model.model_checkpoints import CheckpointError, load_model
 from tokenminds_model.vocabulary import CONDITION_TOKEN_IDS, VocabularyLayout
 
@@ -293,26 +291,6 @@ def expand_to_items(prefixes: Sequence[Prefix], index: Mapping[Prefix, Sequence[
 # ---------------------------------------------------------------------------------------------------------------
 # Model.
 # ---------------------------------------------------------------------------------------------------------------
-class Embedder:
-    """Embeddings only (no decoding), cropped and padded exactly as ``UserInference`` does."""
-
-    def __init__(self, inference: UserInference):
-        self._inference = inference
-        fns = model_functions(inference.config)
-        self._embed = jax.jit(fns.embed_users)
-
-    def __call__(self, tokens, lengths, soft=None) -> np.ndarray:
-        inference = self._inference
-        tokens, soft = inference.prepare(tokens, lengths, soft)
-        size, parts = inference.batch_size, []
-        for start in range(0, len(tokens), size):
-            batch = pad_rows(tokens[start:start + size], size, 0)
-            batch_soft = None if soft is None else pad_rows(soft[start:start + size], size, 0)
-            parts.append(np.asarray(jax.device_get(self._embed(inference.params, batch, batch_soft)))[
-                :min(size, len(tokens) - start)])
-        return np.concatenate(parts) if parts else np.zeros((0, inference.config.embedding_dim), np.float32)
-
-
 def constraints_for(catalogue: Optional[Mapping[str, Mapping[str, np.ndarray]]], prefix_len: int,
                     layout: VocabularyLayout) -> Optional[Dict[str, decoding.PrefixConstraint]]:
     if catalogue is None:
@@ -333,7 +311,7 @@ EVAL_NAMES = ["user_id", "tokens", "length", "targets", "target_video_id", "targ
               "num_future", "perturbed_tokens", "perturbed_length"]
 
 
-def evaluate_protocol(records: Mapping[str, np.ndarray], *, inference: UserInference, embedder: Embedder,
+def evaluate_protocol(records: Mapping[str, np.ndarray], *, inference: UserInference,
                       layout: VocabularyLayout, prefix_len: int, history_sid_len: int,
                       popular: Mapping[str, List[Prefix]], recent_watches: int, seed: int,
                       item_inference: Optional[UserInference] = None,
@@ -344,7 +322,7 @@ def evaluate_protocol(records: Mapping[str, np.ndarray], *, inference: UserInfer
     soft = records.get("soft_features")
     lengths = records["length"].reshape(-1)
     outputs = inference(records["tokens"], lengths, soft)
-    perturbed = embedder(records["perturbed_tokens"], records["perturbed_length"].reshape(-1),
+    perturbed = inference.embed(records["perturbed_tokens"], records["perturbed_length"].reshape(-1),
                          records.get("perturbed_soft_features"))
     scenario_of_case = np.array([SCENARIO_OF_TOKEN.get(int(t), "?") for t in records["targets"][:, 0, 0]])
     rng = np.random.default_rng(seed)
@@ -412,7 +390,6 @@ def evaluate(model_dir: str, eval_sets_dir: str, train_example_dirs: Sequence[st
                               prefix_len=prefix_len)
     inference = UserInference(config, params, layout, settings=settings, batch_size=batch_size,
                               constraints=constraints_for(catalogue, prefix_len, layout))
-    embedder = Embedder(inference)
     item_depth = config.sid_length
     item_inference = None
     if catalogue is not None and item_depth != prefix_len:
@@ -444,7 +421,7 @@ def evaluate(model_dir: str, eval_sets_dir: str, train_example_dirs: Sequence[st
             continue
         with_items = protocol in ITEM_PROTOCOLS and catalogue is not None
         metrics["protocols"][protocol], all_cosines[protocol] = evaluate_protocol(
-            records, inference=inference, embedder=embedder, layout=layout, prefix_len=prefix_len,
+            records, inference=inference, layout=layout, prefix_len=prefix_len,
             history_sid_len=config.sid_length, popular=popular, recent_watches=recent_watches, seed=seed,
             item_inference=item_inference if with_items else None,
             item_index=item_index if with_items else None, item_depth=item_depth if with_items else None)

@@ -22,7 +22,7 @@ import numpy as np
 
 from tokenminds_model import decoding
 from tokenminds_model.model import ModelConfig, Params, fit_history, model_functions
-from tokenminds_model.vocabulary import LFV_ID, PAD_ID, SFV_ID, VocabularyLayout, condition_token
+from tokenminds_model.vocabulary import PAD_ID, VocabularyLayout, condition_token
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -99,19 +99,22 @@ class UserInference:
                                        soft_features if self.config.soft else None)
         return cropped, soft
 
+    def _fixed_batches(self, tokens: np.ndarray, lengths: np.ndarray, soft_features: Optional[np.ndarray]):
+        """Cropped histories in batches padded to ``batch_size`` rows: ``(tokens, soft or None, real rows)``."""
+        tokens, soft = self.prepare(tokens, lengths, soft_features)
+        for start in range(0, tokens.shape[0], self.batch_size):
+            batch_tokens = _pad_rows(tokens[start:start + self.batch_size], self.batch_size, PAD_ID)
+            batch_soft = None if soft is None else _pad_rows(soft[start:start + self.batch_size], self.batch_size, 0)
+            yield batch_tokens, batch_soft, min(self.batch_size, tokens.shape[0] - start)
+
     def __call__(self, tokens: np.ndarray, lengths: np.ndarray,
                  soft_features: Optional[np.ndarray] = None) -> UserOutputs:
         """Outputs for ``tokens int[B, T]`` (left-aligned, PAD-padded), ``lengths int[B]`` and, for a soft-feature
         model, ``soft_features float[B, T, F]``. Any B: rows are run in fixed batches of ``batch_size``."""
-        tokens, soft = self.prepare(tokens, lengths, soft_features)
-        total = tokens.shape[0]
-        pieces = []
-        for start in range(0, total, self.batch_size):
-            batch_tokens = pad_rows(tokens[start:start + self.batch_size], self.batch_size, PAD_ID)
-            batch_soft = None if soft is None else pad_rows(soft[start:start + self.batch_size], self.batch_size, 0)
-            embeddings, decoded = self._embed_and_decode(self.params, batch_tokens, batch_soft)
-            pieces.append(jax.device_get((embeddings, decoded)))
-        keep = [min(self.batch_size, total - start) for start in range(0, total, self.batch_size)]
+        pieces, keep = [], []
+        for batch_tokens, batch_soft, rows in self._fixed_batches(tokens, lengths, soft_features):
+            pieces.append(jax.device_get(self._embed_and_decode(self.params, batch_tokens, batch_soft)))
+            keep.append(rows)
         embeddings = _concat([p[0][:n] for p, n in zip(pieces, keep)], (0, self.config.embedding_dim), np.float32)
         codes, scores = {}, {}
         for scenario, token in zip(self.settings.scenarios, self.condition_tokens):
@@ -121,8 +124,19 @@ class UserInference:
                                        (0, self.settings.top_n), np.float32)
         return UserOutputs(embeddings=embeddings, codes=codes, scores=scores)
 
+    @functools.cached_property
+    def _embed(self):
+        return jax.jit(self._fns.embed_users)
 
-def pad_rows(array: np.ndarray, rows: int, value) -> np.ndarray:
+    def embed(self, tokens: np.ndarray, lengths: np.ndarray, soft_features: Optional[np.ndarray] = None
+              ) -> np.ndarray:
+        """Embeddings only (no decoding), ``float32[B, embedding_dim]``, cropped and batched as ``__call__``."""
+        parts = [np.asarray(jax.device_get(self._embed(self.params, batch_tokens, batch_soft)))[:rows]
+                 for batch_tokens, batch_soft, rows in self._fixed_batches(tokens, lengths, soft_features)]
+        return _concat(parts, (0, self.config.embedding_dim), np.float32)
+
+
+def _pad_rows(array: np.ndarray, rows: int, value) -> np.ndarray:
     if array.shape[0] == rows:
         return array
     padding = np.full((rows - array.shape[0],) + array.shape[1:], value, array.dtype)
@@ -149,4 +163,4 @@ def stack_histories(histories: Sequence[Mapping[str, np.ndarray]], max_tokens: i
     return tokens, lengths, soft
 
 
-__all__ = ["DecodeSettings", "UserInference", "UserOutputs", "stack_histories", "LFV_ID", "SFV_ID"]
+__all__ = ["DecodeSettings", "UserInference", "UserOutputs", "stack_histories"]

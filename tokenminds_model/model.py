@@ -425,7 +425,7 @@ class TokenMindsModel(nn.Module):
         of group b reads user b's encoder states ``[B, T, d]``) -> ``logits float32[B, R, t, vocab_size]``.
 
         The R rows are folded into the decoder's sequence axis (``[B, R * t]``) with a block-diagonal causal mask
-        and positions ``0..t-1`` repeated per row, exactly as ``__call__`` folds the K training targets, so the
+        and positions ``0..t-1`` repeated per row (``__call__`` folds the K training targets through it), so the
         memory and its cross-attention keys/values are computed once per user instead of once per row. Block r
         equals ``decode`` of that row alone (the masked attention weights are exactly zero). This is the grouped
         ``logits_fn`` contract of ``tokenminds_model.decoding`` (``grouped=True``).
@@ -449,16 +449,9 @@ class TokenMindsModel(nn.Module):
         One encoder pass; the K targets are folded into the decoder's sequence axis with a block-diagonal causal
         mask, so they all read the same memory (computed once) and never attend to each other.
         """
-        batch, num_targets, target_len = targets.shape
-        sid_length = target_len - 1
         enc_states, enc_mask = self.encode(tokens, soft_features, deterministic)
-        memory, memory_mask = self.memory(enc_states, enc_mask)
-        inputs = targets[:, :, :-1].reshape(batch, num_targets * sid_length)
-        block = jnp.arange(num_targets * sid_length) // sid_length
-        positions = jnp.arange(num_targets * sid_length) % sid_length
-        self_mask = ((block[:, None] == block[None, :]) & (positions[:, None] >= positions[None, :]))[None, None]
-        logits = self.decoder(memory, memory_mask, inputs, positions, self_mask, deterministic)
-        return logits.reshape(batch, num_targets, sid_length, -1)
+        # Teacher forcing: each target's input is [condition, sid_0 .. sid_{L-2}], its labels [sid_0 .. sid_{L-1}].
+        return self.decode_grouped(enc_states, enc_mask, targets[:, :, :-1], deterministic)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from bench.common import FNAPI, machine_line, print_table, result_line, run_job  # noqa: E402
@@ -81,6 +80,7 @@ def serving_inputs(out: str, day: str):
 
 def time_bare(model_dir: str, histories, repeats: int) -> dict:
     from tokenminds_model.inference import UserInference, stack_histories
+    from tokenminds_model.model import count_params
     from tokenminds_model.model_checkpoints import load_model
 
     config, params, layout = load_model(model_dir)
@@ -94,8 +94,7 @@ def time_bare(model_dir: str, histories, repeats: int) -> dict:
         model(tokens, lengths)
         best_wall = min(best_wall, time.perf_counter() - wall0)
         best_cpu = min(best_cpu, time.process_time() - cpu0)
-    return {"run_s": best_wall, "cpu_s": best_cpu, "num_params": sum(int(np.prod(p.shape)) for p in
-                                                                     __import__("jax").tree.leaves(params))}
+    return {"run_s": best_wall, "cpu_s": best_cpu, "num_params": count_params(params)}
 
 
 def main(argv=None) -> int:

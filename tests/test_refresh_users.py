@@ -145,6 +145,7 @@ def test_serving_input_equals_the_training_example_history(daily_flow):
     """The same user, cutoff and snapshots give the same tokens through serving_history as in the TFRecords."""
     from tokenminds_model.data import numpy_batches
     from tokenminds_model.query_tokenizer import QueryTokenizer
+    from tokenminds_model.vocabulary import VocabularyLayout
     from pipelines.build_examples import sequence_config, BuildExamplesOptions
     from apache_beam.options.pipeline_options import PipelineOptions
     from transforms import features
@@ -152,8 +153,7 @@ def test_serving_input_equals_the_training_example_history(daily_flow):
     out = daily_flow["root"] / "out"
     day = daily_flow["dates"][1]
     directory = str(out / "examples" / f"date={day}")
-    layout = __import__("tokenminds_model.vocabulary", fromlist=["x"]).VocabularyLayout.load_manifest(
-        f"{directory}/vocabulary.json")
+    layout = VocabularyLayout.load_manifest(f"{directory}/vocabulary.json")
     config = sequence_config(PipelineOptions([]).view_as(BuildExamplesOptions))
     tokenizer, featurizer = QueryTokenizer.load(str(out / "query_tokenizer")), features.WatchFeaturizer(
         str(out / "feature_transform"))

@@ -44,14 +44,14 @@ def vocabulary_version(layout: VocabularyLayout) -> str:
     return "vocab-" + hashlib.sha256(manifest).hexdigest()[:16]
 
 
-def user_token_records(layout: VocabularyLayout, codes: Mapping[str, np.ndarray], scores: Mapping[str, np.ndarray]
+def user_token_records(layout: VocabularyLayout, decoded: Mapping[str, Tuple[np.ndarray, np.ndarray]]
                        ) -> List[Dict[str, Any]]:
-    """One user's decoded prefixes (``codes[scenario] int[top_n, L]``, ``scores[scenario] float[top_n]``) -> the
+    """One user's decoded prefixes, ``{scenario: (codes int[top_n, L], scores float[top_n])}``, -> the
     ``user_tokens`` column: best first per scenario; empty slots (score -inf, codes -1) are left out."""
     records = []
-    for scenario in codes:
+    for scenario, (codes, scores) in decoded.items():
         rank = 0
-        for prefix, score in zip(np.asarray(codes[scenario]), np.asarray(scores[scenario])):
+        for prefix, score in zip(np.asarray(codes), np.asarray(scores)):
             if not np.isfinite(score) or np.any(prefix < 0):
                 continue
             sid = [int(c) for c in prefix]
@@ -244,8 +244,7 @@ class ToRepresentationRows(beam.PTransform):
 
         def to_row(user_id, inference):
             embedding, decoded = inference
-            tokens = user_token_records(layout, {s: c for s, (c, _) in decoded.items()},
-                                        {s: sc for s, (_, sc) in decoded.items()})
+            tokens = user_token_records(layout, decoded)
             return representation_row(user_id, snapshot_date, embedding, tokens, versions, generated_at, ttl)
 
         return results | "ToRow" >> beam.MapTuple(to_row)

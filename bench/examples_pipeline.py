@@ -150,7 +150,7 @@ def bench_size(users: int, days: int, sid_kind: str, floor_repeats: int, workdir
     row["examples"] = examples_by_mode["1p"]
     shards = glob.glob(f"{out}/examples/date={build_day}/part-*")
     row["example_bytes"] = sum(os.path.getsize(path) for path in shards)
-    with open(f"{out}/histories/date={dates[-1]}/summary.json") as handle:
+    with open(f"{out}/histories/_runs/date={dates[-1]}/summary.json") as handle:
         row["histories_summary_totals"] = json.load(handle)["totals"]
     print(f"[{users} users] floor ...", flush=True)
     row["floor"] = floor_seconds(event_files(out, dates), f"{root}/floor", row["examples"], row["example_bytes"],

@@ -64,11 +64,11 @@ def serving_inputs(out: str, day: str):
 
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.build_examples import BuildExamplesOptions, sequence_config, vocabulary_layout
+    from pipelines.build_examples import SequenceOptions, sequence_config, vocabulary_layout
     from tokenminds_model.query_tokenizer import QueryTokenizer
     from transforms import examples, features, schemas
 
-    config = sequence_config(PipelineOptions([]).view_as(BuildExamplesOptions))
+    config = sequence_config(PipelineOptions([]).view_as(SequenceOptions))
     layout = vocabulary_layout(f"{out}/sid_model", f"{out}/query_tokenizer", f"{out}/feature_transform")
     tokenizer = QueryTokenizer.load(f"{out}/query_tokenizer")
     featurizer = features.WatchFeaturizer(f"{out}/feature_transform")

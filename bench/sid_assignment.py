@@ -125,7 +125,7 @@ def run_assign(root: str, validated_root: str, model_dir: str, dim: int, batch_s
     measured["encode_compile_s"] = sum(float(x) for x in re.findall(
         r"(?:Finished tracing _encode for jit|Finished jaxpr to MLIR module conversion jit\(_encode\)|"
         r"Finished XLA compilation of jit\(_encode\)) in ([0-9.]+) sec", log))
-    summary = json_load(f"{schemas.partition_dir(out, schemas.VIDEO_SIDS, DAY)}/summary.json")
+    summary = json_load(schemas.run_summary_path(out, schemas.VIDEO_SIDS, DAY))
     table = summary["tables"]
     measured["mode"] = summary["mode"]
     measured["rows_out"] = table[schemas.VIDEO_SIDS][DAY.isoformat()]["rows_out"]

@@ -9,7 +9,8 @@ Reads   <output_root>/video_sids/date=D-1/                  yesterday's assignme
         --sid_model                                          a SID model checkpoint (pipelines.train_sid_model)
 Writes  <output_root>/video_sids/date=D/part-*.parquet      every video's full SID, disambiguation code, model
                                                             version (schemas.VIDEO_SIDS_SCHEMA)
-        <output_root>/video_sids/date=D/summary.json, _SUCCESS
+        <output_root>/video_sids/date=D/_SUCCESS             last, once every shard is written
+        <output_root>/video_sids/_runs/date=D/summary.json   rows in / out / dead, model version, mode
         <output_root>/dead_letter/video_sids/date=D/         videos whose SID collides beyond the reserved codes
 
 Only videos not yet assigned under the same model version are encoded (RunInference with a JAX model handler);
@@ -27,15 +28,16 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines import daily_plan
 from pipelines.cli import run_main, run_per_day
-from pipelines.options import TokenMindsOptions, artifact_paths, processing_dates, validated_root
+from pipelines.options import (JobSpec, TokenMindsOptions, artifact_paths, parse_job_options, processing_dates,
+                               validated_root)
 from tokenminds_model.checkpoints import read_sid_model_config
 from tokenminds_model.vocabulary import DEFAULT_DISAMBIGUATION_SIZE
 from transforms import outputs, schemas
 from transforms.sid_assignment import EncodeVideos, MergeAssignments
 from transforms.sources import ReadTable, SourceConfig
 
-SUMMARY_FILE = "summary.json"
 ALREADY_ASSIGNED = "already_assigned"
 
 
@@ -49,6 +51,19 @@ class AssignSidsOptions(PipelineOptions):
 
 def sids_dir(output_root: str, date: dt.date) -> str:
     return schemas.partition_dir(output_root, schemas.VIDEO_SIDS, date)
+
+
+def sids_summary_path(output_root: str, date: dt.date) -> str:
+    return schemas.run_summary_path(output_root, schemas.VIDEO_SIDS, date)
+
+
+def sids_model_version(output_root: str, date: dt.date) -> str:
+    """The SID model a complete assignment was made with."""
+    return outputs.read_json_file(sids_summary_path(output_root, date))["sid_model_version"]
+
+
+def dead_letter_dir(output_root: str, date: dt.date) -> str:
+    return schemas.partition_dir(outputs.join(output_root, schemas.DEAD_LETTER), schemas.VIDEO_SIDS, date)
 
 
 def catalog_dates(validated_root: str, up_to: dt.date) -> List[dt.date]:
@@ -71,11 +86,11 @@ def _drop_already_assigned(grouped):
 
 
 def assign_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validated_root: str, model_dir: str,
-               version: str, job: "AssignSidsOptions") -> None:
+               version: str, job: "AssignSidsOptions", staged=lambda path: path) -> None:
     day = date.isoformat()
     previous_dir = sids_dir(output_root, date - dt.timedelta(days=1))
     carry_over = (outputs.success_marker_exists(previous_dir)
-                  and outputs.read_json_file(outputs.join(previous_dir, SUMMARY_FILE))["sid_model_version"] == version)
+                  and sids_model_version(output_root, date - dt.timedelta(days=1)) == version)
     read_days = [date] if carry_over else catalog_dates(validated_root, date)
     if date not in read_days:
         raise FileNotFoundError(f"validated videos for {date} are not complete under {validated_root}")
@@ -98,10 +113,11 @@ def assign_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validat
     merged = (existing, encoded) | "Merge" >> MergeAssignments(version, day, job.max_disambiguation_codes)
 
     # 3. Write, then summary and _SUCCESS.
-    out_dir = sids_dir(output_root, date)
-    dead_dir = schemas.partition_dir(outputs.join(output_root, schemas.DEAD_LETTER), schemas.VIDEO_SIDS, date)
+    out_dir = staged(sids_dir(output_root, date))
+    dead_dir = staged(dead_letter_dir(output_root, date))
     writes = [merged["sids"] | "WriteSids" >> outputs.WriteParquetShards(out_dir, schemas.VIDEO_SIDS_SCHEMA,
-                                                                          num_shards=job.sid_shards),
+                                                                          num_shards=job.sid_shards,
+                                                                          key_columns=("video_id",)),
               merged["dead"] | "WriteDead" >> outputs.WriteParquetShards(dead_dir, schemas.DEAD_LETTER_SCHEMA)]
     # Accounting: every candidate video is encoded or already had a SID; every assignment in (carried over or
     # newly encoded) is written or dead-lettered.
@@ -122,31 +138,37 @@ def assign_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validat
                    "job": "assign_sids", "date": day, "sid_model_version": version, "sid_model": model_dir,
                    "mode": "incremental" if carry_over else "full", "catalog_days_read": [d.isoformat()
                                                                                          for d in read_days]}))
-    _ = summary | "Finish" >> outputs.WriteSummaryAndSuccess(outputs.join(out_dir, SUMMARY_FILE), [out_dir],
-                                                             after=writes)
+    _ = summary | "Finish" >> outputs.WriteSummaryAndSuccess(staged(sids_summary_path(output_root, date)),
+                                                             [out_dir], after=writes)
+
+
+JOB = JobSpec(name="assign_sids", summary=__doc__.split("\n\n")[0], option_classes=(AssignSidsOptions,),
+              shared=daily_plan.get_task("assign_sids").reads,
+              ranges={"inference_batch_size": (1, 1 << 20), "max_disambiguation_codes": (1, None),
+                      "sid_shards": (1, 10000)})
 
 
 def run(argv: Optional[List[str]] = None) -> List[dict]:
-    options = PipelineOptions(argv)
+    options = parse_job_options(argv, JOB)
     common = options.view_as(TokenMindsOptions)
     job = options.view_as(AssignSidsOptions)
     sid_model, _, _ = artifact_paths(options)
-    # Fail fast, before reading any data: the checkpoint must be complete and fit the catalog's embeddings.
+    # Fail fast, before reading any data: the checkpoint must be intact and fit the catalog's embeddings.
     model_config = read_sid_model_config(sid_model)
     if model_config["config"]["input_dim"] != common.embedding_dim:
         raise ValueError(f"SID model {sid_model} expects {model_config['config']['input_dim']}-d embeddings, "
                          f"--embedding_dim is {common.embedding_dim}")
     version = model_config["version"]
     validated_tables = validated_root(options)
+    root = common.output_root
     # Sequential by nature: each day carries over the day before.
-    dead_root = outputs.join(common.output_root, schemas.DEAD_LETTER)
     return run_per_day(
-        options, processing_dates(options),
-        build_day=lambda pipeline, date: assign_day(pipeline, date, common.output_root, validated_tables, sid_model,
-                                                    version, job),
-        summary_path=lambda date: outputs.join(sids_dir(common.output_root, date), SUMMARY_FILE),
-        clear_dirs=lambda date: [sids_dir(common.output_root, date),
-                                 schemas.partition_dir(dead_root, schemas.VIDEO_SIDS, date)])
+        options, processing_dates(options), JOB.name,
+        build_day=lambda pipeline, date, out: assign_day(pipeline, date, root, validated_tables, sid_model,
+                                                         version, job, out.staged),
+        output_dirs=lambda date: [dead_letter_dir(root, date), schemas.run_summary_dir(root, schemas.VIDEO_SIDS, date),
+                                  sids_dir(root, date)],
+        summary_path=lambda date: sids_summary_path(root, date))
 
 
 def main(argv=None):

@@ -3,7 +3,7 @@
     python -m pipelines.backfill --start_date=2026-01-01 --end_date=2026-01-31 \
         --steps=validate_inputs,assign_sids,update_histories,build_examples \
         --output_root=gs://BUCKET/tokenminds [--input_root=gs://BUCKET/raw] [job options] [runner options] \
-        [--dry_plan] [--force=STEP,...] [--adopt_existing]
+        [--dry_plan] [--force=STEP,...] [--adopt_existing] [--train_args="--steps=200 --batch_size=32"]
 
 Runs the tasks of ``pipelines.daily_plan`` for every day of the range in the order the daily DAG would: for each
 processing day, validate -> SIDs -> histories of day D, then the examples of day D-1 (whose look-ahead window closes
@@ -13,7 +13,10 @@ histories of D+1 exist; examples of the last day wait (are "deferred") until day
 Each (step, date) calls the job's ``run(argv)`` in-process (a ``program`` task such as training runs as a subprocess)
 with ``--date=D --output_root=...``, the shared options (``--input_root``, ``--sid_model``, ...), the step's own
 options (``--max_targets`` goes to build_examples only, ``--backfill_days`` to update_histories only) and the runner
-options (``--runner``, ``--project``, ...: everything that is no job's option).
+options (``--runner``, ``--project``, ...: everything that is no job's option). A program step's own options (the
+trainer's ``--steps``, ``--batch_size``, ...) are given as one quoted ``--<step>_args``, e.g. ``--train_args``.
+Training's first day (no checkpoint under ``<output_root>/models`` before it) starts fresh, without
+``--init_from``; later days continue from the day before (``daily_plan.first_day``, as in the daily DAG).
 
 A (step, date) is skipped when it is up to date:
 - every ``_SUCCESS`` of its output exists, and is the one this backfill recorded (not rewritten by another run since);
@@ -38,6 +41,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -82,6 +86,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, List[
     parser.add_argument("--adopt_existing", action="store_true",
                         help="Record complete outputs the backfill did not write (no ledger, or rewritten since) "
                              "as up to date instead of re-running them.")
+    for task in daily_plan.TASKS:
+        if task.kind != BEAM:
+            parser.add_argument(f"--{task.name}_args", default="",
+                                help=f"{task.module}'s own options for every day of step {task.name}, one string.")
     args, passthrough = parser.parse_known_args(argv)
     args.output_root = args.output_root.rstrip("/")
     try:
@@ -162,9 +170,11 @@ def load_steps(names: Sequence[str]) -> Dict[str, StepConfig]:
         if importlib.util.find_spec(task.module) is None:
             raise ValueError(f"step {name}: module {task.module} is not available in this checkout yet")
         module = importlib.import_module(task.module)
-        classes = tuple(obj for obj in vars(module).values()
-                        if isinstance(obj, type) and issubclass(obj, PipelineOptions) and obj is not PipelineOptions
-                        and obj.__module__ == module.__name__)
+        job = getattr(module, "JOB", None)
+        classes = tuple(job.option_classes) if job is not None else tuple(
+            obj for obj in vars(module).values()
+            if isinstance(obj, type) and issubclass(obj, PipelineOptions) and obj is not PipelineOptions
+            and obj.__module__ == module.__name__)
         if task.kind == BEAM and not hasattr(module, "run"):
             raise ValueError(f"step {name}: {task.module} has no run(argv)")
         steps[name] = StepConfig(task, module, classes, _option_strings(classes))
@@ -177,13 +187,16 @@ def split_passthrough(passthrough: Sequence[str], steps: Dict[str, StepConfig]) 
     from pipelines.options import TokenMindsOptions
 
     common_flags = _option_strings([TokenMindsOptions])
-    owners = {flag: name for name, step in steps.items() for flag in step.own_flags}
+    owners: Dict[str, List[str]] = {}  # a flag may belong to several steps (the sequence options, say)
+    for name, step in steps.items():
+        for flag in step.own_flags:
+            owners.setdefault(flag, []).append(name)
     other_steps = {}
     for name in daily_plan.TASK_NAMES:
         task = daily_plan.get_task(name)
         if name not in steps and task.kind == BEAM and importlib.util.find_spec(task.module) is not None:
             for flag in load_steps([name])[name].own_flags:
-                other_steps[flag] = name
+                other_steps.setdefault(flag, []).append(name)
     registered = _registered_option_names()
     known_job_flags = sorted(set(common_flags) | set(owners) | set(other_steps))
     common, runner = [], []
@@ -192,12 +205,15 @@ def split_passthrough(passthrough: Sequence[str], steps: Dict[str, StepConfig]) 
         if flag in MANAGED_FLAGS or flag in ("start_date", "end_date", "output_root"):
             raise ValueError(f"--{flag}: {MANAGED_FLAGS.get(flag, 'given twice')}")
         if flag in common_flags:
+            if not any(common_flags[flag] in step.task.reads for step in steps.values() if step.task.kind == BEAM):
+                print(f"warning: --{flag} is read by none of --steps; ignored", file=sys.stderr)
             common += group
         elif flag in owners:
-            steps[owners[flag]].args += group
+            for name in owners[flag]:
+                steps[name].args += group
         elif flag in other_steps:  # the same command line with fewer --steps: dropped, not an error
-            print(f"warning: --{flag} is an option of {other_steps[flag]}, which is not among --steps; ignored",
-                  file=sys.stderr)
+            print(f"warning: --{flag} is an option of {' and '.join(other_steps[flag])}, not among --steps; "
+                  "ignored", file=sys.stderr)
         else:
             if registered is not None and flag not in registered:
                 close = difflib.get_close_matches(flag, known_job_flags, n=1, cutoff=0.85)
@@ -222,6 +238,7 @@ class Item:
     options: Dict[str, Any]              # what the fingerprint covers
     versions: Dict[str, Optional[str]]   # artifact versions it would use
     fingerprint: str
+    first_day: bool = False              # the task's first day: it starts without its bootstrap input
     action: str = ""
     reason: str = ""
     status: str = ""
@@ -385,14 +402,34 @@ def build_items(args: argparse.Namespace, steps: Dict[str, StepConfig], common: 
     items = []
     days = [args.start + dt.timedelta(days=i) for i in range((args.end - args.start).days + 1)]
     for name, step in steps.items():
+        # A bootstrapped step (training) starts fresh on its first day: the first day of the range when no output of
+        # the step exists before it (the days after continue from this backfill's own output).
+        existing = _output_dates(step.task, args.output_root) if step.task.bootstrapped else []
         for date in days:
-            argv = daily_plan.render_args(step.task, date, args.output_root, common) + list(step.args)
+            first = date == days[0] and daily_plan.first_day(step.task, date, existing)
+            program_args = shlex.split(getattr(args, f"{name}_args", "") or "") if step.task.kind != BEAM else []
+            argv = (daily_plan.render_args(step.task, date, args.output_root, common, first_day=first)
+                    + list(step.args) + program_args)
             options = fingerprint_options(step, argv, args.output_root)
             used = {a: versions.get(a) for a in step.task.artifacts}
-            items.append(Item(step.task, date, argv, options, used, fingerprint(step.task, options, used)))
+            items.append(Item(step.task, date, argv, options, used, fingerprint(step.task, options, used),
+                              first_day=first))
     # The daily DAG's order: by processing day, then the plan's task order (every input comes earlier).
     items.sort(key=lambda it: (daily_plan.processing_day_of(it.task, it.date), daily_plan.TASK_NAMES.index(it.step)))
     return items
+
+
+def _output_dates(task: Task, output_root: str) -> List[dt.date]:
+    """The days whose output of ``task`` is complete (its ``_SUCCESS`` markers exist)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    paths = []
+    for pattern in daily_plan.own_output_glob(task, output_root):
+        try:
+            paths += [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+        except Exception:  # nothing matches (some filesystems raise instead of returning no match)
+            pass
+    return daily_plan.dates_of(paths)
 
 
 def plan(items: List[Item], args: argparse.Namespace, artifact_dirs: Dict[str, str]) -> None:
@@ -407,6 +444,8 @@ def _decide(item: Item, by_key: Dict, args: argparse.Namespace, artifact_dirs: D
     root = args.output_root
     upstream_runs, waiting = [], []
     for dep, date in daily_plan.resolve_inputs(item.task, item.date):
+        if item.first_day and dep.bootstrap:  # the first day: nothing to continue from, a fresh start
+            continue
         producer = by_key.get((dep.task, date))
         if producer is not None:  # in this backfill: it comes first, and this item cannot go without it
             if producer.action in (DEFERRED, BLOCKED):

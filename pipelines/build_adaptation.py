@@ -28,9 +28,10 @@ import apache_beam as beam
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.assign_sids import catalog_dates, sids_dir
+from pipelines.assign_sids import catalog_dates, sids_dir, sids_model_version
 from pipelines.cli import run_main, run_per_day
-from pipelines.options import TokenMindsOptions, artifact_paths, processing_dates, validated_root
+from pipelines.options import (DAYS, JobSpec, TokenMindsOptions, artifact_paths, parse_job_options, processing_dates,
+                               validated_root)
 from pipelines.update_histories import require_success
 from tokenminds_model.adaptation import NGRAM_VOCAB_FILENAME, SPM_MODEL_TYPES, SidSymbols
 from transforms import adaptation, outputs, schemas
@@ -85,19 +86,19 @@ def sid_shape(options: PipelineOptions, version: str) -> Tuple[int, int]:
     return levels, codebook_size
 
 
-def build_day(pipeline: beam.Pipeline, date: dt.date, options: PipelineOptions) -> None:
+def build_day(pipeline: beam.Pipeline, date: dt.date, options: PipelineOptions, staged=lambda path: path) -> None:
     common, job = options.view_as(TokenMindsOptions), options.view_as(BuildAdaptationOptions)
     day, output_root = date.isoformat(), common.output_root
     sids_in = sids_dir(output_root, date)
     require_success(sids_in, "SID assignment")
-    version = outputs.read_json_file(outputs.join(sids_in, SUMMARY_FILE))["sid_model_version"]
+    version = sids_model_version(output_root, date)
     levels, codebook_size = sid_shape(options, version)
     validated_tables = validated_root(options)
     read_days = catalog_dates(validated_tables, date)
     if date not in read_days:
         raise FileNotFoundError(f"validated videos for {date} are not complete under {validated_tables}")
     validated = SourceConfig(kind="parquet", input_root=validated_tables)
-    out_dir = adaptation_dir(output_root, date)
+    out_dir = staged(adaptation_dir(output_root, date))
 
     # 1. Read the catalog as of D and its SIDs.
     videos = ([pipeline | f"ReadVideos {d}" >> ReadTable(schemas.VIDEOS, d, validated) for d in read_days]
@@ -120,7 +121,7 @@ def build_day(pipeline: beam.Pipeline, date: dt.date, options: PipelineOptions) 
     writes = [prefixes | "WritePrefixEmbeddings" >> outputs.WriteParquetShards(
                   outputs.join(out_dir, adaptation.PREFIX_EMBEDDINGS), adaptation.PREFIX_EMBEDDINGS_SCHEMA,
                   num_shards=job.prefix_embedding_shards),
-              joined["dead"] | "WriteDead" >> outputs.WriteParquetShards(dead_letter_dir(output_root, date),
+              joined["dead"] | "WriteDead" >> outputs.WriteParquetShards(staged(dead_letter_dir(output_root, date)),
                                                                          schemas.DEAD_LETTER_SCHEMA),
               vocab, pieces]
     counts = [videos | "CountVideosIn" >> outputs.CountRows(schemas.VIDEOS, day, outputs.IN),
@@ -142,15 +143,22 @@ def build_day(pipeline: beam.Pipeline, date: dt.date, options: PipelineOptions) 
                                                              after=writes)
 
 
+JOB = JobSpec(name="build_adaptation", summary=__doc__.split("\n\n")[0], option_classes=(BuildAdaptationOptions,),
+              shared=DAYS + ("output_root", "validated_root", "sid_model", "embedding_dim", "seed"),
+              ranges={"sid_levels": (1, None), "sid_codebook_size": (2, None), "ngram_min_count": (1, None),
+                      "max_ngram_vocab": (1, None), "sid_spm_vocab_size": (8, None),
+                      "prefix_embedding_shards": (1, 10000)})
+
+
 def run(argv: Optional[List[str]] = None) -> List[dict]:
-    options = PipelineOptions(argv)
+    options = parse_job_options(argv, JOB)
     output_root = options.view_as(TokenMindsOptions).output_root
     # Days are independent; a range builds each day as its daily run would.
     return run_per_day(
-        options, processing_dates(options),
-        build_day=lambda pipeline, date: build_day(pipeline, date, options),
-        summary_path=lambda date: outputs.join(adaptation_dir(output_root, date), SUMMARY_FILE),
-        clear_dirs=lambda date: [adaptation_dir(output_root, date), dead_letter_dir(output_root, date)])
+        options, processing_dates(options), JOB.name,
+        build_day=lambda pipeline, date, out: build_day(pipeline, date, options, out.staged),
+        output_dirs=lambda date: [dead_letter_dir(output_root, date), adaptation_dir(output_root, date)],
+        summary_path=lambda date: outputs.join(adaptation_dir(output_root, date), SUMMARY_FILE))
 
 
 def main(argv=None):

@@ -23,15 +23,14 @@ import json
 from typing import List, Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.parquetio import ReadFromParquet
-from apache_beam.io.tfrecordio import WriteToTFRecord
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.build_examples import (FEATURE_SPEC_FILE, VOCABULARY_FILE, BuildExamplesOptions, sequence_config,
-                                      vocabulary_layout)
+from pipelines.build_examples import (FEATURE_SPEC_FILE, SEQUENCE_RANGES, VOCABULARY_FILE, SequenceOptions,
+                                      check_sequence_options, sequence_config, vocabulary_layout)
 from pipelines.cli import run_main, run_per_day
-from pipelines.options import TokenMindsOptions, artifact_paths, processing_dates
+from pipelines.options import (ARTIFACTS, DAYS, JobSpec, TokenMindsOptions, artifact_paths, parse_job_options,
+                               processing_dates)
 from pipelines.update_histories import require_success, snapshot_dir, video_sids_dir
 from transforms import eval_sets, examples, outputs, schemas
 
@@ -55,7 +54,7 @@ def eval_dir(output_root: str, job: BuildEvalSetsOptions, date: dt.date) -> str:
 
 
 def build_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: BuildEvalSetsOptions,
-              context: eval_sets.EvalSetContext) -> str:
+              context: eval_sets.EvalSetContext, staged=lambda path: path) -> str:
     day = date.isoformat()
     snapshot_days = [date - dt.timedelta(days=1), date, date + dt.timedelta(days=1)]
     # D and D+1 are required (the cold-start window runs into D+1); D-1 only adds history.
@@ -79,11 +78,10 @@ def build_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: Bui
     built = (*snapshots, video_sids) | "BuildEvalSets" >> eval_sets.BuildEvalSets(context)
 
     # 3. Write one TFRecord directory per protocol, then the summary and the _SUCCESS markers.
-    out_dir = eval_dir(output_root, job, date)
+    out_dir = staged(eval_dir(output_root, job, date))
     protocol_dirs = [outputs.join(out_dir, protocol) for protocol in eval_sets.PROTOCOLS]
-    writes = [built["records"][protocol] | f"Write_{protocol}" >> WriteToTFRecord(
-                  outputs.join(directory, "part"), file_name_suffix=".tfrecord.gz", num_shards=job.eval_shards,
-                  shard_name_template=outputs.SHARD_TEMPLATE, compression_type=CompressionTypes.GZIP)
+    writes = [built["records"][protocol]
+              | f"Write_{protocol}" >> outputs.WriteTFRecordShards(directory, job.eval_shards)
               for protocol, directory in zip(eval_sets.PROTOCOLS, protocol_dirs)]
     build = context.build
     summary = built["counts"] | "Summarize" >> outputs.SummarizeCounts(extra={
@@ -98,15 +96,18 @@ def build_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: Bui
     return out_dir
 
 
+JOB = JobSpec(name="build_eval_sets", summary=__doc__.split("\n\n")[0],
+              option_classes=(BuildEvalSetsOptions, SequenceOptions), shared=DAYS + ARTIFACTS + ("output_root", "seed"),
+              ranges={**SEQUENCE_RANGES, "cold_start_events": (1, None), "stability_drop_rate": (0, 0.999),
+                      "eval_shards": (1, 10000)},
+              check=check_sequence_options)
+
+
 def run(argv: Optional[List[str]] = None) -> List[dict]:
-    options = PipelineOptions(argv)
+    options = parse_job_options(argv, JOB)
     common = options.view_as(TokenMindsOptions)
     job = options.view_as(BuildEvalSetsOptions)
-    config = sequence_config(options.view_as(BuildExamplesOptions))  # the training examples' own options
-    if job.cold_start_events < 1:
-        raise ValueError(f"--cold_start_events must be >= 1, got {job.cold_start_events}")
-    if not 0.0 <= job.stability_drop_rate < 1.0:
-        raise ValueError(f"--stability_drop_rate must be in [0, 1), got {job.stability_drop_rate}")
+    config = sequence_config(options.view_as(SequenceOptions))  # the training examples' own options
     artifacts = artifact_paths(options)
     layout = vocabulary_layout(*artifacts)
     spec = eval_sets.eval_feature_spec(config, layout)
@@ -120,17 +121,18 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
                 day_end_us=schemas.to_epoch_us(end), date=date.isoformat()),
             cold_start_events=job.cold_start_events, drop_rate=job.stability_drop_rate)
 
-    def write_spec_and_vocabulary(date):
+    def write_spec_and_vocabulary(date, day_outputs):
         for protocol in eval_sets.PROTOCOLS:
-            directory = outputs.join(eval_dir(common.output_root, job, date), protocol)
+            directory = day_outputs.staged(outputs.join(eval_dir(common.output_root, job, date), protocol))
             outputs.write_text_file(outputs.join(directory, FEATURE_SPEC_FILE), json.dumps(spec, indent=2) + "\n")
             layout.save_manifest(outputs.join(directory, VOCABULARY_FILE))
 
     return run_per_day(
-        options, processing_dates(options),
-        build_day=lambda pipeline, date: build_day(pipeline, date, common.output_root, job, context_for(date)),
+        options, processing_dates(options), JOB.name,
+        build_day=lambda pipeline, date, out: build_day(pipeline, date, common.output_root, job, context_for(date),
+                                                        out.staged),
+        output_dirs=lambda date: [eval_dir(common.output_root, job, date)],
         summary_path=lambda date: outputs.join(eval_dir(common.output_root, job, date), SUMMARY_FILE),
-        clear_dirs=lambda date: [eval_dir(common.output_root, job, date)],
         before_run=write_spec_and_vocabulary)
 
 

@@ -25,13 +25,13 @@ from typing import List, Optional
 
 import apache_beam as beam
 from apache_beam.io.parquetio import ReadFromParquet
-from apache_beam.io.tfrecordio import WriteToTFRecord
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines import daily_plan
 from pipelines.cli import run_main, run_per_day
-from pipelines.options import TokenMindsOptions, artifact_paths, processing_dates
-from pipelines.update_histories import require_success, snapshot_dir
+from pipelines.options import (JobSpec, TokenMindsOptions, artifact_paths, parse_job_options,
+                               processing_dates)
+from pipelines.update_histories import require_success, snapshot_dir, snapshot_sid_model_version
 from tokenminds_model.checkpoints import read_sid_model_config
 from tokenminds_model.query_tokenizer import QueryTokenizer
 from tokenminds_model.vocabulary import VocabularyLayout
@@ -48,29 +48,49 @@ class BuildExamplesOptions(PipelineOptions):
         parser.add_argument("--examples_output", default=None,
                             help="Root of the examples output (default: <output_root>/examples).")
         parser.add_argument("--example_shards", type=int, default=4, help="Fixed number of TFRecord shards.")
-        # The sequence and target options; defaults are the paper's figures.
+
+
+class SequenceOptions(PipelineOptions):
+    """sequence options (training and serving must use the same values; defaults are the paper's figures)
+
+    How histories become token sequences and targets: build_examples, build_eval_sets and refresh_users read them.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser):
         defaults = sequences.SequenceConfig()
         parser.add_argument("--prefix_len", type=int, default=defaults.prefix_len,
                             help="SID levels per watch in sequences (L < SID depth).")
         parser.add_argument("--full_depth_sids", action="store_true", help="Ablation: every SID level.")
-        parser.add_argument("--max_tokens", type=int, default=defaults.max_tokens)
-        parser.add_argument("--max_watches", type=int, default=defaults.max_watches)
-        parser.add_argument("--max_searches", type=int, default=defaults.max_searches)
-        parser.add_argument("--max_pieces_per_query", type=int, default=defaults.max_pieces_per_query)
-        parser.add_argument("--feature_mode", choices=("hard", "soft"), default=defaults.feature_mode)
+        parser.add_argument("--max_tokens", type=int, default=defaults.max_tokens,
+                            help="Input tokens per sequence; older events are cut first.")
+        parser.add_argument("--max_watches", type=int, default=defaults.max_watches,
+                            help="Most recent watches a sequence may hold.")
+        parser.add_argument("--max_searches", type=int, default=defaults.max_searches,
+                            help="Most recent searches a sequence may hold.")
+        parser.add_argument("--max_pieces_per_query", type=int, default=defaults.max_pieces_per_query,
+                            help="SentencePiece pieces kept per query.")
+        parser.add_argument("--feature_mode", choices=("hard", "soft"), default=defaults.feature_mode,
+                            help="Per-watch features as feature tokens (hard) or one soft vector (soft).")
         parser.add_argument("--no_searches", action="store_true", help="Ablation: drop search queries.")
         parser.add_argument("--scenarios", default=",".join(defaults.scenarios),
                             help="Ablation: comma-separated scenarios to keep (e.g. LFV).")
         parser.add_argument("--max_targets", type=int, default=defaults.max_targets, help="K; 1 is an ablation.")
-        parser.add_argument("--target_mode", choices=("lookahead", "next"), default=defaults.target_mode)
-        parser.add_argument("--max_cutoffs_per_day", type=int, default=defaults.max_cutoffs_per_day)
-        parser.add_argument("--session_gap_s", type=float, default=defaults.session_gap_s)
-        parser.add_argument("--reward_like_weight", type=float, default=defaults.reward.like_weight)
-        parser.add_argument("--reward_dislike_weight", type=float, default=defaults.reward.dislike_weight)
-        parser.add_argument("--reward_min_watch_ratio", type=float, default=defaults.reward.min_watch_ratio)
+        parser.add_argument("--target_mode", choices=("lookahead", "next"), default=defaults.target_mode,
+                            help="Targets from the 24 h look-ahead window, or the next watch (ablation).")
+        parser.add_argument("--max_cutoffs_per_day", type=int, default=defaults.max_cutoffs_per_day,
+                            help="Examples (cutoffs) per active user-day.")
+        parser.add_argument("--session_gap_s", type=float, default=defaults.session_gap_s,
+                            help="Inactivity (seconds) that starts a new session; cutoffs fall at session starts.")
+        parser.add_argument("--reward_like_weight", type=float, default=defaults.reward.like_weight,
+                            help="Reward added for a like (target sampling is reward-proportional).")
+        parser.add_argument("--reward_dislike_weight", type=float, default=defaults.reward.dislike_weight,
+                            help="Reward taken away for a dislike.")
+        parser.add_argument("--reward_min_watch_ratio", type=float, default=defaults.reward.min_watch_ratio,
+                            help="Watches below this share of the video's duration have reward 0.")
 
 
-def sequence_config(job: BuildExamplesOptions) -> sequences.SequenceConfig:
+def sequence_config(job: SequenceOptions) -> sequences.SequenceConfig:
     reward = sequences.RewardConfig(like_weight=job.reward_like_weight, dislike_weight=job.reward_dislike_weight,
                                     min_watch_ratio=job.reward_min_watch_ratio)
     return sequences.SequenceConfig(
@@ -99,14 +119,13 @@ def examples_dir(output_root: str, job: BuildExamplesOptions, date: dt.date) -> 
 
 
 def build_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: BuildExamplesOptions, artifacts,
-              layout: VocabularyLayout, config: sequences.SequenceConfig, seed: int) -> str:
+              layout: VocabularyLayout, config: sequences.SequenceConfig, seed: int, staged=lambda path: path) -> str:
     day = date.isoformat()
     _, tokenizer_dir, transform_dir = artifacts
     snapshot_days = [date - dt.timedelta(days=1), date, date + dt.timedelta(days=1)]
     for snapshot_day in snapshot_days[1:]:
         require_success(snapshot_dir(output_root, snapshot_day), f"history snapshot of {snapshot_day}")
-        snapshot_version = outputs.read_json_file(
-            outputs.join(snapshot_dir(output_root, snapshot_day), "summary.json"))["sid_model_version"]
+        snapshot_version = snapshot_sid_model_version(output_root, snapshot_day)
         if snapshot_version != layout.sid_model_version:
             raise ValueError(f"snapshot {snapshot_day} uses SID model {snapshot_version}, --sid_model is "
                              f"{layout.sid_model_version}")
@@ -129,11 +148,9 @@ def build_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: Bui
     built = tuple(snapshots) | "BuildExamples" >> examples.BuildExamples(context)
 
     # 3. Write shards and dead letters, then stats.json and _SUCCESS.
-    out_dir = examples_dir(output_root, job, date)
-    dead_dir = schemas.partition_dir(outputs.join(output_root, schemas.DEAD_LETTER), "examples", date)
-    writes = [built["examples"] | "WriteTFRecords" >> WriteToTFRecord(
-                  outputs.join(out_dir, "part"), file_name_suffix=".tfrecord.gz", num_shards=job.example_shards,
-                  shard_name_template=outputs.SHARD_TEMPLATE, compression_type=CompressionTypes.GZIP),
+    out_dir = staged(examples_dir(output_root, job, date))
+    dead_dir = staged(dead_letter_dir(output_root, date))
+    writes = [built["examples"] | "WriteTFRecords" >> outputs.WriteTFRecordShards(out_dir, job.example_shards),
               built["dead"] | "WriteDead" >> outputs.WriteParquetShards(dead_dir, schemas.DEAD_LETTER_SCHEMA)]
     summary = (built["counts"] | "Summarize" >> outputs.SummarizeCounts(extra={
         "job": "build_examples", "date": day, "seed": seed, "sequence_config": repr(config),
@@ -146,30 +163,51 @@ def build_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: Bui
     return out_dir
 
 
+def dead_letter_dir(output_root: str, date: dt.date) -> str:
+    return schemas.partition_dir(outputs.join(output_root, schemas.DEAD_LETTER), "examples", date)
+
+
+SEQUENCE_RANGES = {"prefix_len": (1, None), "max_tokens": (8, 1 << 20), "max_watches": (1, None),
+                   "max_searches": (0, None), "max_pieces_per_query": (1, None), "max_targets": (1, None),
+                   "max_cutoffs_per_day": (1, None), "session_gap_s": (0, None), "reward_min_watch_ratio": (0, 1)}
+
+
+def check_sequence_options(options: PipelineOptions) -> None:
+    config = sequence_config(options.view_as(SequenceOptions))
+    unknown = sorted(set(config.scenarios) - set(schemas.SCENARIOS))
+    if unknown or not config.scenarios:
+        raise ValueError(f"--scenarios names unknown scenarios {unknown}; expected a subset of {schemas.SCENARIOS}")
+
+
+JOB = JobSpec(name="build_examples", summary=__doc__.split("\n\n")[0],
+              option_classes=(BuildExamplesOptions, SequenceOptions),
+              shared=daily_plan.get_task("build_examples").reads,
+              ranges={**SEQUENCE_RANGES, "example_shards": (1, 10000)}, check=check_sequence_options)
+
+
 def run(argv: Optional[List[str]] = None) -> List[dict]:
-    options = PipelineOptions(argv)
+    options = parse_job_options(argv, JOB)
     common = options.view_as(TokenMindsOptions)
     job = options.view_as(BuildExamplesOptions)
-    config = sequence_config(job)
-    # Fail fast, before reading any data: every artifact must load and agree on one token space.
+    config = sequence_config(options.view_as(SequenceOptions))
+    # Fail fast, before reading any data: every artifact must be intact and agree on one token space.
     artifacts = artifact_paths(options)
     layout = vocabulary_layout(*artifacts)
     spec = examples.feature_spec(config, layout)
-    dead_root = outputs.join(common.output_root, schemas.DEAD_LETTER)
+    root = common.output_root
 
-    def write_spec_and_vocabulary(date):
-        out_dir = examples_dir(common.output_root, job, date)
+    def write_spec_and_vocabulary(date, day_outputs):
+        out_dir = day_outputs.staged(examples_dir(root, job, date))
         outputs.write_text_file(outputs.join(out_dir, FEATURE_SPEC_FILE), json.dumps(spec, indent=2) + "\n")
         layout.save_manifest(outputs.join(out_dir, VOCABULARY_FILE))
 
     # Days are independent of each other; a range builds them one after another, each as its daily run would.
     return run_per_day(
-        options, processing_dates(options),
-        build_day=lambda pipeline, date: build_day(pipeline, date, common.output_root, job, artifacts, layout,
-                                                   config, common.seed),
-        summary_path=lambda date: outputs.join(examples_dir(common.output_root, job, date), STATS_FILE),
-        clear_dirs=lambda date: [examples_dir(common.output_root, job, date),
-                                 schemas.partition_dir(dead_root, "examples", date)],
+        options, processing_dates(options), JOB.name,
+        build_day=lambda pipeline, date, out: build_day(pipeline, date, root, job, artifacts, layout, config,
+                                                        common.seed, out.staged),
+        output_dirs=lambda date: [dead_letter_dir(root, date), examples_dir(root, job, date)],
+        summary_path=lambda date: outputs.join(examples_dir(root, job, date), STATS_FILE),
         before_run=write_spec_and_vocabulary)
 
 

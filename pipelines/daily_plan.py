@@ -22,13 +22,21 @@ consumer's *data* date; whether it comes from the same DAG run or from an earlie
 Sequential tasks read their own output of the day before (SIDs carry over, snapshots fold, training continues), so
 their days must run in date order. The others are independent per date: a day's examples need only the history
 snapshots of D-1..D+1, so different days' examples can be (re)built in any order or in parallel.
+
+First days. Yesterday's SIDs and snapshot are optional inputs (``required=False``): used when present. Yesterday's
+checkpoint is a *bootstrap* input: required, except on training's first day, which is the day before which no
+checkpoint exists at all under ``<output_root>/models`` (``first_day``). That day trains from scratch (no
+``--init_from``); every later day waits for, and continues from, the day before, so a missing day is never papered
+over by a silent fresh start. The DAG and the backfill decide it alike, from the existing ``_SUCCESS`` markers
+(``own_output_glob``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime as dt
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import re
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 SUCCESS_MARKER = "_SUCCESS"
 # transforms.schemas.INPUT_TABLES; not imported, so that this module needs neither pyarrow nor Beam.
@@ -39,6 +47,9 @@ PROGRAM = "program"    # a single-machine program (model training): its own argv
 
 # Artifacts shared by many days; the default directory of each under --output_root (pipelines.options.artifact_paths).
 ARTIFACTS = ("sid_model", "query_tokenizer", "feature_transform")
+# Groups of shared options (pipelines.options.TokenMindsOptions dests), for what each job reads.
+DAYS = ("date", "start_date", "end_date")
+SOURCE = ("source", "input_root", "bq_project", "bq_dataset", "bq_temp_dataset")
 
 
 def partition_dir(root: str, name: str, date: dt.date) -> str:
@@ -58,6 +69,9 @@ class Input:
     offset: int = 0
     required: bool = True  # False: used when present (a first day has no previous snapshot); not waited for
     why: str = ""
+    # The task's own output of an earlier day that it is bootstrapped without: required, except on the task's first
+    # day (no output of the task exists for any earlier day), when the task starts fresh (see ``first_day``).
+    bootstrap: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +87,23 @@ class Task:
     # Shared options (pipelines.options.TokenMindsOptions dests) whose values decide this task's output; artifact
     # paths are left out on purpose: the artifacts' content versions stand for them.
     fingerprint_options: Tuple[str, ...] = ()
+    # Shared options (TokenMindsOptions dests) the task's job reads; the job rejects any other shared option, so
+    # the plan passes a task only these (its pipelines.<job>.JOB takes them from here).
+    reads: Tuple[str, ...] = ()
     waits_for_landing: bool = False  # waits for the raw input partitions of its day (landing_paths)
+    # Flags of ``arguments`` that name the bootstrap input: left out on the task's first day (a fresh start).
+    first_day_drops: Tuple[str, ...] = ()
     description: str = ""
 
     @property
     def sequential(self) -> bool:
         """Reads its own output of the previous day, so its days run in date order."""
         return any(i.task == self.name and i.offset < 0 for i in self.inputs)
+
+    @property
+    def bootstrapped(self) -> bool:
+        """Has a first day without its previous output (``Input.bootstrap``)."""
+        return any(i.bootstrap for i in self.inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,12 +137,14 @@ TASKS: Tuple[Task, ...] = (
     Task(name="validate_inputs", module="pipelines.validate_inputs", kind=BEAM, date_offset=0, inputs=(),
          outputs=_validate_outputs, arguments=_daily_args,
          fingerprint_options=("source", "input_root", "bq_project", "bq_dataset", "embedding_dim"),
-         waits_for_landing=True, description="check day D's landed input tables; dead-letter bad rows"),
+         reads=DAYS + SOURCE + ("output_root", "embedding_dim"), waits_for_landing=True,
+         description="check day D's landed input tables; dead-letter bad rows"),
     Task(name="assign_sids", module="pipelines.assign_sids", kind=BEAM, date_offset=0,
          inputs=(Input("validate_inputs", 0, why="the day's validated videos"),
                  Input("assign_sids", -1, required=False, why="yesterday's SIDs carry over")),
          outputs=lambda root, date: (partition_dir(root, "video_sids", date),), arguments=_daily_args,
          artifacts=("sid_model",), fingerprint_options=("validated_root", "embedding_dim"),
+         reads=DAYS + ("output_root", "validated_root", "sid_model", "embedding_dim"),
          description="SIDs for videos new on day D"),
     Task(name="update_histories", module="pipelines.update_histories", kind=BEAM, date_offset=0,
          inputs=(Input("validate_inputs", 0, why="the day's validated events"),
@@ -126,25 +152,26 @@ TASKS: Tuple[Task, ...] = (
                  Input("update_histories", -1, required=False, why="the snapshot day D folds into")),
          outputs=lambda root, date: (partition_dir(root, "histories", date),), arguments=_daily_args,
          artifacts=("sid_model",), fingerprint_options=("validated_root",),
-         description="fold day D into the user history snapshots"),
+         reads=DAYS + ("output_root", "validated_root"), description="fold day D into the user history snapshots"),
     Task(name="build_examples", module="pipelines.build_examples", kind=BEAM, date_offset=-1,
          inputs=(Input("update_histories", -1, required=False, why="history before the day"),
                  Input("update_histories", 0, why="the day"),
                  Input("update_histories", 1, why="the 24 h look-ahead window")),
          outputs=lambda root, date: (partition_dir(root, "examples", date),), arguments=_daily_args,
-         artifacts=ARTIFACTS, fingerprint_options=("seed",),
+         artifacts=ARTIFACTS, fingerprint_options=("seed",), reads=DAYS + ARTIFACTS + ("output_root", "seed"),
          description="training examples of day D-1 (its look-ahead window closes with day D)"),
     Task(name="train", module="tokenminds_model.train", kind=PROGRAM, date_offset=-1,
          inputs=(Input("build_examples", 0, why="the day's examples"),
-                 Input("train", -1, why="the checkpoint training continues from")),
-         outputs=lambda root, date: (model_dir(root, date),), arguments=_train_args,
+                 Input("train", -1, bootstrap=True,
+                       why="the checkpoint training continues from (none on the first day: a fresh start)")),
+         outputs=lambda root, date: (model_dir(root, date),), arguments=_train_args, first_day_drops=("init_from",),
          description="continue training on day D-1's examples"),
     Task(name="refresh_users", module="pipelines.refresh_users", kind=BEAM, date_offset=0,
          inputs=(Input("train", -1, why="the model trained through day D-1"),
                  Input("update_histories", 0, why="the users' histories as of D")),
          outputs=lambda root, date: (partition_dir(root, "user_representations", date),),
-         arguments=_refresh_args, artifacts=ARTIFACTS, fingerprint_options=("seed",),
-         description="user embeddings and tokens as of day D"),
+         arguments=_refresh_args, artifacts=ARTIFACTS, fingerprint_options=(),
+         reads=DAYS + ARTIFACTS + ("output_root", "bq_project"), description="user embeddings and tokens as of day D"),
 )
 TASK_NAMES: Tuple[str, ...] = tuple(t.name for t in TASKS)
 _BY_NAME: Dict[str, Task] = {t.name: t for t in TASKS}
@@ -213,6 +240,10 @@ def check_plan(tasks: Sequence[Task] = TASKS) -> None:
             raise ValueError(f"task {task.name}: kind must be {BEAM!r} or {PROGRAM!r}")
         for dependency in task.inputs:
             offset = input_run_offset(task, dependency)
+            if dependency.bootstrap and not (dependency.task == task.name and dependency.offset < 0
+                                             and dependency.required):
+                raise ValueError(f"task {task.name}: only a required earlier output of the task itself can be its "
+                                 "bootstrap input")
             if offset > 0:
                 raise ValueError(f"task {task.name} reads {dependency.task} from a later DAG run")
             if offset == 0 and dependency.task not in seen:
@@ -238,24 +269,71 @@ def landing_paths(date: dt.date, input_root: str, marker: str = SUCCESS_MARKER) 
 
 
 def sensor_paths(task: Task, processing_day: dt.date, output_root: str, input_root: Optional[str] = None,
-                 landing_marker: str = SUCCESS_MARKER) -> List[str]:
+                 landing_marker: str = SUCCESS_MARKER, first_day: bool = False) -> List[str]:
     """Every ``_SUCCESS`` the task waits for in the DAG run of ``processing_day``: its required inputs, whether
-    produced earlier in the same run or by an earlier run. ``validate_inputs`` waits for the raw partitions' landing
-    markers when the source is Parquet files (``input_root``); with a BigQuery source it waits for nothing."""
+    produced earlier in the same run or by an earlier run (but not its bootstrap input on its ``first_day``).
+    ``validate_inputs`` waits for the raw partitions' landing markers when the source is Parquet files
+    (``input_root``); with a BigQuery source it waits for nothing."""
     date = data_date(task, processing_day)
     paths: List[str] = []
     if task.waits_for_landing and input_root:
         paths += landing_paths(date, input_root, landing_marker)
     for dependency, input_date in resolve_inputs(task, date):
-        if dependency.required:
+        if dependency.required and not (first_day and dependency.bootstrap):
             paths += [p for p in success_paths(get_task(dependency.task), input_date, output_root) if p not in paths]
     return paths
 
 
-def render_args(task: Task, date: dt.date, output_root: str, common: Sequence[str] = ()) -> List[str]:
-    """The task's argv for data date ``date``: its own arguments, then (Beam tasks) the shared job options in
-    ``common`` (``--source``, ``--input_root``, ``--sid_model``, ...). Runner options are not part of the plan."""
-    return task.arguments(date, output_root.rstrip("/")) + (list(common) if task.kind == BEAM else [])
+class _AnyDate:
+    """Stands for every date in a rendered path (``date=*``)."""
+
+    @staticmethod
+    def isoformat() -> str:
+        return "*"
+
+
+def own_output_glob(task: Task, output_root: str) -> Tuple[str, ...]:
+    """Glob patterns of the ``_SUCCESS`` markers of every day of ``task`` (``<root>/models/date=*/_SUCCESS``)."""
+    return success_paths(task, _AnyDate(), output_root.rstrip("/"))  # type: ignore[arg-type]
+
+
+def dates_of(paths: Iterable[str]) -> List[dt.date]:
+    """The ``date=YYYY-MM-DD`` days named by ``paths`` (sorted, unique)."""
+    found = set()
+    for path in paths:
+        match = re.search(r"/date=(\d{4}-\d{2}-\d{2})(?:/|$)", str(path))
+        if match:
+            found.add(dt.date.fromisoformat(match.group(1)))
+    return sorted(found)
+
+
+def first_day(task: Task, date: dt.date, existing: Iterable[dt.date]) -> bool:
+    """Whether data date ``date`` is ``task``'s first day: the task has a bootstrap input and none of its outputs
+    exists for an earlier day (``existing``: the days whose output is complete, from ``own_output_glob``). Only then
+    does it start fresh; on any later day its previous output is required."""
+    return task.bootstrapped and not any(d < date for d in existing)
+
+
+def shared_args_for(task: Task, common: Sequence[str]) -> List[str]:
+    """The shared job options in ``common`` that ``task`` reads (``--name=value`` or ``--name value`` tokens)."""
+    kept, keep = [], False
+    for token in common:
+        if token.startswith("--"):
+            keep = token[2:].split("=", 1)[0] in task.reads
+        if keep:
+            kept.append(token)
+    return kept
+
+
+def render_args(task: Task, date: dt.date, output_root: str, common: Sequence[str] = (),
+                first_day: bool = False) -> List[str]:
+    """The task's argv for data date ``date``: its own arguments (on its ``first_day`` without the flags naming its
+    bootstrap input), then (Beam tasks) the shared job options in ``common`` (``--source``, ``--input_root``,
+    ``--sid_model``, ...) that it reads. Runner options are not part of the plan."""
+    own = task.arguments(date, output_root.rstrip("/"))
+    if first_day:
+        own = [a for a in own if not (a.startswith("--") and a[2:].split("=", 1)[0] in task.first_day_drops)]
+    return own + (shared_args_for(task, common) if task.kind == BEAM else [])
 
 
 def args_to_options(argv: Sequence[str]) -> Dict[str, object]:
@@ -299,19 +377,22 @@ class TaskRun:
 
 
 def daily_run(processing_day: dt.date, output_root: str, common: Sequence[str] = (),
-              tasks: Optional[Sequence[str]] = None, input_root: Optional[str] = None) -> List[TaskRun]:
-    """The DAG run of ``processing_day``, rendered, in execution order (optionally a subset of the tasks)."""
+              tasks: Optional[Sequence[str]] = None, input_root: Optional[str] = None,
+              first_days: Sequence[str] = ()) -> List[TaskRun]:
+    """The DAG run of ``processing_day``, rendered, in execution order (optionally a subset of the tasks);
+    ``first_days``: the bootstrapped tasks for which this run is their first day."""
     selected = [get_task(n) for n in (tasks or TASK_NAMES)]
     selected.sort(key=lambda t: TASK_NAMES.index(t.name))
     names = {t.name for t in selected}
     runs = []
     for task in selected:
         date = data_date(task, processing_day)
+        first = task.name in first_days and task.bootstrapped
         runs.append(TaskRun(
             name=task.name, module=task.module, kind=task.kind, date=date,
-            args=tuple(render_args(task, date, output_root, common)),
+            args=tuple(render_args(task, date, output_root, common, first_day=first)),
             upstream=tuple(u for u in same_run_upstream(task) if u in names),
-            waits_for=tuple(sensor_paths(task, processing_day, output_root, input_root)),
+            waits_for=tuple(sensor_paths(task, processing_day, output_root, input_root, first_day=first)),
             produces=success_paths(task, date, output_root), sequential=task.sequential))
     return runs
 
@@ -335,9 +416,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--date", required=True, help="The processing day D, YYYY-MM-DD.")
     parser.add_argument("--output_root", required=True)
     parser.add_argument("--input_root", default=None, help="Parquet input root (for validate's landing sensor).")
+    parser.add_argument("--first_days", default="",
+                        help="Comma-separated bootstrapped tasks (train) for which D is their first day.")
     args, common = parser.parse_known_args(argv)
     common = ([f"--input_root={args.input_root}"] if args.input_root else []) + common
-    runs = daily_run(dt.date.fromisoformat(args.date), args.output_root, common, input_root=args.input_root)
+    runs = daily_run(dt.date.fromisoformat(args.date), args.output_root, common, input_root=args.input_root,
+                     first_days=[n.strip() for n in args.first_days.split(",") if n.strip()])
     print(format_run(runs))
 
 

@@ -7,8 +7,8 @@
 
 A plain bulk conversion, not a Beam pipeline: the source files are read and converted in memory with pyarrow and
 NumPy (see ``transforms/dataset_import.py`` for the mapping) and written as
-``<output_root>/{watch_events,search_events,videos}/date=YYYY-MM-DD/part-00000.parquet`` (every day of the range, empty
-days included), ``<output_root>/_catalog/items.parquet`` and ``<output_root>/_dataset.json``. Rerunning with the same
+``<output_root>/{watch_events,search_events,videos}/date=YYYY-MM-DD/part-00000.parquet`` and its landing marker
+``_SUCCESS`` (every day of the range, empty days included; the daily DAG's first sensor waits for the markers), ``<output_root>/_catalog/items.parquet`` and ``<output_root>/_dataset.json``. Rerunning with the same
 options gives identical files, replacing the old ones. Run the pipelines on it with ``--input_root=<output_root>
 --embedding_dim=<embedding_dim from _dataset.json>`` and a ``--date`` in the range (the manifest lists the densest).
 """

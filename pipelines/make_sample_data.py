@@ -3,7 +3,8 @@
     python -m pipelines.make_sample_data --output_root=/tmp/tokenminds_sample --users=2000 --days=8 --seed=0
 
 A plain generator, not a Beam pipeline: the data is drawn in memory with NumPy (see ``transforms/sample_data.py``)
-and written as ``<output_root>/<table>/date=YYYY-MM-DD/part-00000.parquet``, ``<output_root>/_truth/`` and
+and written as ``<output_root>/<table>/date=YYYY-MM-DD/part-00000.parquet`` followed by that partition's landing
+marker ``_SUCCESS`` (what the daily DAG's first sensor waits for), ``<output_root>/_truth/`` and
 ``<output_root>/_dataset.json``. Rerunning with the same options gives identical files, replacing the old ones.
 """
 from __future__ import annotations
@@ -28,6 +29,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="first partition date, YYYY-MM-DD")
     parser.add_argument("--bad_row_rate", type=float, default=_DEFAULTS.bad_row_rate,
                         help="share of rows deliberately broken so validation has dead letters")
+    parser.add_argument("--lfv_videos", type=int, default=_DEFAULTS.lfv_videos,
+                        help="LFV catalog on the start date (at least one video per sub-topic)")
+    parser.add_argument("--sfv_videos", type=int, default=_DEFAULTS.sfv_videos, help="SFV catalog on the start date")
     return parser.parse_args(argv)
 
 
@@ -35,7 +39,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     config = SampleDataConfig(users=args.users, days=args.days, seed=args.seed,
                               start_date=args.start_date.isoformat(),  # argparse parses the default too
-                              bad_row_rate=args.bad_row_rate)
+                              bad_row_rate=args.bad_row_rate, lfv_videos=args.lfv_videos,
+                              sfv_videos=args.sfv_videos)
 
     started = time.perf_counter()
     dataset = generate_sample_dataset(config)

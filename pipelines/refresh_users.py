@@ -9,8 +9,8 @@ Reads   <output_root>/histories/date=D/          every user's history snapshot (
         <output_root>/video_sids/date=<=D/       the catalogue, to decode only SID prefixes that exist (default)
         <output_root>/user_representations/date=D-1/   yesterday's rows, kept for users whose inference fails
 Writes  <output_root>/user_representations/date=D/part-*.parquet   one row per user (schemas.USER_REPRESENTATIONS)
-        <output_root>/user_representations/date=D/summary.json     users in = out + dead, storage bytes per user
-        <output_root>/user_representations/date=D/_SUCCESS         last
+        <output_root>/user_representations/date=D/_SUCCESS         last, once every shard is written
+        <output_root>/user_representations/_runs/date=D/summary.json   users in = out + dead, storage per user
         <output_root>/dead_letter/user_representations/date=D/     users whose input or inference failed
         with --sink=bigquery also <bq_project>:<bq_output_dataset>.user_representations, partition D replaced
 
@@ -33,13 +33,15 @@ import numpy as np
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.build_examples import BuildExamplesOptions, sequence_config, vocabulary_layout
+from pipelines.build_examples import SEQUENCE_RANGES, SequenceOptions, sequence_config, vocabulary_layout
+from pipelines import daily_plan
 from pipelines.cli import run_main, run_per_day
-from pipelines.options import TokenMindsOptions, artifact_paths, processing_dates
+from pipelines.options import (JobSpec, TokenMindsOptions, artifact_paths, parse_job_options,
+                               processing_dates)
 from pipelines.update_histories import require_success, snapshot_dir
 from transforms import examples, outputs, representations, schemas, sources
 
-SUMMARY_FILE = "summary.json"
+MAX_TTL_HOURS = 24 * 366
 
 
 class RefreshUsersOptions(PipelineOptions):
@@ -49,8 +51,10 @@ class RefreshUsersOptions(PipelineOptions):
                             help="User-model checkpoint directory (tokenminds_model.train --output).")
         parser.add_argument("--top_n", type=int, default=20, help="Decoded tokens per scenario (paper: 20).")
         parser.add_argument("--beam_size", type=int, default=20)
-        parser.add_argument("--users_per_batch", type=int, default=32,
-                            help="Users per model call; every call is padded to it (one compiled shape).")
+        parser.add_argument("--users_per_batch", type=_users_per_batch, default="auto",
+                            help="Users per model call; every call is padded to it (one compiled shape). auto: 32 on "
+                                 "CPU workers; with --dataflow_service_options=worker_accelerator=type:T;... as many "
+                                 "as the GPU type's memory holds (tokenminds_model.inference.resolve_users_per_batch).")
         parser.add_argument("--unconstrained", action="store_true",
                             help="Decode any SID prefix, not only prefixes of videos in the catalogue.")
         parser.add_argument("--ttl_hours", type=float, default=schemas.DEFAULT_REPRESENTATION_TTL_HOURS,
@@ -65,8 +69,43 @@ class RefreshUsersOptions(PipelineOptions):
                             help="BigQuery dataset of the user_representations table (project: --bq_project).")
 
 
+def _users_per_batch(value: str):
+    if value == "auto":
+        return value
+    number = int(value)
+    if not 1 <= number <= 1 << 16:
+        raise ValueError(f"--users_per_batch={value} must be 'auto' or in [1, {1 << 16}]")
+    return number
+
+
+def users_per_batch(options: PipelineOptions, model_dir: str) -> int:
+    """--users_per_batch, with ``auto`` decided here on the driver for the workers' devices."""
+    from apache_beam.options.pipeline_options import DebugOptions, GoogleCloudOptions, StandardOptions
+
+    from tokenminds_model.inference import resolve_users_per_batch
+    from tokenminds_model.model import ModelConfig
+    from tokenminds_model.model_checkpoints import read_checkpoint_document
+
+    value = options.view_as(RefreshUsersOptions).users_per_batch
+    if value != "auto":
+        return int(value)
+    config = ModelConfig.from_dict(read_checkpoint_document(model_dir, verify=False)["config"])
+    service = list(options.view_as(GoogleCloudOptions).dataflow_service_options or [])
+    service += list(options.view_as(DebugOptions).experiments or [])
+    remote = "Dataflow" in str(options.view_as(StandardOptions).runner or "")
+    return resolve_users_per_batch(value, config, service_options=service, remote_workers=remote)
+
+
 def representations_dir(output_root: str, date: dt.date) -> str:
     return schemas.partition_dir(output_root, schemas.USER_REPRESENTATIONS, date)
+
+
+def representations_summary_path(output_root: str, date: dt.date) -> str:
+    return schemas.run_summary_path(output_root, schemas.USER_REPRESENTATIONS, date)
+
+
+def dead_letter_dir(output_root: str, date: dt.date) -> str:
+    return schemas.partition_dir(outputs.join(output_root, schemas.DEAD_LETTER), schemas.USER_REPRESENTATIONS, date)
 
 
 def check_model_matches(model_dir: str, layout, spec) -> Dict[str, str]:
@@ -147,13 +186,12 @@ def write_to_bigquery(rows, project: str, dataset: str, date: dt.date):
 
 def refresh_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: RefreshUsersOptions, common,
                 context: representations.ServingContext, settings: representations.InferenceSettings,
-                versions: Dict[str, str]) -> str:
+                versions: Dict[str, str], staged=lambda path: path) -> str:
     day = date.isoformat()
     generated_at = generation_time(job.generated_at, date)
     ttl = dt.timedelta(hours=job.ttl_hours)
-    out_dir = representations_dir(output_root, date)
-    dead_dir = schemas.partition_dir(outputs.join(output_root, schemas.DEAD_LETTER), schemas.USER_REPRESENTATIONS,
-                                     date)
+    out_dir = staged(representations_dir(output_root, date))
+    dead_dir = staged(dead_letter_dir(output_root, date))
 
     # 1. Read every user's snapshot as of the end of D.
     snapshots = pipeline | "ReadSnapshot" >> ReadFromParquet(outputs.join(snapshot_dir(output_root, date),
@@ -176,7 +214,7 @@ def refresh_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: R
 
     # 5. Write rows and dead letters, then the summary and _SUCCESS.
     writes = [rows | "WriteRows" >> outputs.WriteParquetShards(out_dir, schemas.USER_REPRESENTATIONS_SCHEMA,
-                                                              job.representation_shards),
+                                                              job.representation_shards, key_columns=("user_id",)),
               dead | "WriteDead" >> outputs.WriteParquetShards(dead_dir, schemas.DEAD_LETTER_SCHEMA)]
     if job.sink == "bigquery":
         writes.append(write_to_bigquery(rows, common.bq_project, job.bq_output_dataset, date))
@@ -191,25 +229,44 @@ def refresh_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: R
                    "job": "refresh_users", "date": day, "versions": versions, "sink": job.sink,
                    "generated_at": generated_at.isoformat(), "expires_at": (generated_at + ttl).isoformat(),
                    "decoding": {"scenarios": list(settings.scenarios), "top_n": settings.top_n,
-                                "beam_size": settings.beam_size,
+                                "beam_size": settings.beam_size, "users_per_batch": settings.batch_size,
                                 "constrained_to_catalogue": settings.catalogue_prefixes is not None}})
                | "AddStorage" >> beam.Map(lambda s, st: {**s, "storage": st},
                                           st=beam.pvalue.AsSingleton(storage)))
-    _ = summary | "Finish" >> outputs.WriteSummaryAndSuccess(outputs.join(out_dir, SUMMARY_FILE), [out_dir],
-                                                             after=writes)
+    _ = summary | "Finish" >> outputs.WriteSummaryAndSuccess(staged(representations_summary_path(output_root, date)),
+                                                             [out_dir], after=writes)
     return out_dir
 
 
-def run(argv: Optional[List[str]] = None) -> List[dict]:
-    options = PipelineOptions(argv)
-    common = options.view_as(TokenMindsOptions)
-    job = options.view_as(RefreshUsersOptions)
-    sequence = sequence_config(options.view_as(BuildExamplesOptions))
+def check_options(options: PipelineOptions) -> None:
+    common, job = options.view_as(TokenMindsOptions), options.view_as(RefreshUsersOptions)
     if not job.model:
         raise ValueError("--model is required: the checkpoint directory written by tokenminds_model.train")
+    if not 0 < job.ttl_hours <= MAX_TTL_HOURS:
+        raise ValueError(f"--ttl_hours={job.ttl_hours} must be > 0 and at most {MAX_TTL_HOURS} (a row must expire "
+                         "after it is generated)")
+    if job.top_n > job.beam_size:
+        raise ValueError(f"--top_n={job.top_n} cannot exceed --beam_size={job.beam_size}")
     if job.sink == "bigquery":
         sources.validate_project_id(common.bq_project)
         sources.validate_dataset_id(job.bq_output_dataset)
+    elif common.bq_project or job.bq_output_dataset:
+        raise ValueError("--bq_project/--bq_output_dataset are read only with --sink=bigquery")
+
+
+JOB = JobSpec(name="refresh_users", summary=__doc__.split("\n\n")[0],
+              option_classes=(RefreshUsersOptions, SequenceOptions),
+              shared=daily_plan.get_task("refresh_users").reads,
+              ranges={**SEQUENCE_RANGES, "top_n": (1, None), "beam_size": (1, None),
+                      "users_per_batch": (1, 1 << 16), "ttl_hours": (None, None), "representation_shards": (1, 10000)},
+              check=check_options)
+
+
+def run(argv: Optional[List[str]] = None) -> List[dict]:
+    options = parse_job_options(argv, JOB)
+    common = options.view_as(TokenMindsOptions)
+    job = options.view_as(RefreshUsersOptions)
+    sequence = sequence_config(options.view_as(SequenceOptions))
     dates = processing_dates(options)
     # Fail fast, before reading any data: artifacts, checkpoint and snapshots must exist and agree.
     artifacts = artifact_paths(options)
@@ -221,25 +278,28 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
         generation_time(job.generated_at, date)  # a malformed --generated_at fails here, not in a worker
     versions = {"model": model_version, "vocabulary": representations.vocabulary_version(layout),
                 "sid_model": layout.sid_model_version}
+    batch_size = users_per_batch(options, job.model)
 
-    def refresh(pipeline, date):
+    def refresh(pipeline, date, day_outputs):
         prefix_len = sequence.sid_length(layout)
         catalogue = None if job.unconstrained else catalogue_prefixes(common.output_root, date, prefix_len,
                                                                       sequence.scenarios)
         settings = representations.InferenceSettings(
             model_dir=job.model, scenarios=tuple(sequence.scenarios), top_n=job.top_n, beam_size=job.beam_size,
-            batch_size=job.users_per_batch, catalogue_prefixes=catalogue)
+            batch_size=batch_size, catalogue_prefixes=catalogue)
         context = representations.ServingContext(
             layout=layout, config=sequence, query_tokenizer_dir=artifacts[1], feature_transform_dir=artifacts[2],
             cutoff_ts_us=schemas.to_epoch_us(schemas.day_bounds(date)[1]), date=date.isoformat())
-        return refresh_day(pipeline, date, common.output_root, job, common, context, settings, versions)
+        return refresh_day(pipeline, date, common.output_root, job, common, context, settings, versions,
+                           day_outputs.staged)
 
-    dead_root = outputs.join(common.output_root, schemas.DEAD_LETTER)
+    root = common.output_root
     return run_per_day(
-        options, dates, build_day=refresh,
-        summary_path=lambda date: outputs.join(representations_dir(common.output_root, date), SUMMARY_FILE),
-        clear_dirs=lambda date: [representations_dir(common.output_root, date),
-                                 schemas.partition_dir(dead_root, schemas.USER_REPRESENTATIONS, date)])
+        options, dates, JOB.name, build_day=refresh,
+        output_dirs=lambda date: [dead_letter_dir(root, date),
+                                  schemas.run_summary_dir(root, schemas.USER_REPRESENTATIONS, date),
+                                  representations_dir(root, date)],
+        summary_path=lambda date: representations_summary_path(root, date))
 
 
 def main(argv=None):

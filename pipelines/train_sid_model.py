@@ -8,6 +8,11 @@ Reads   <videos>/date=*/*.parquet      the videos table (validated), every parti
 Writes  <output>/config.json, params/  the checkpoint (orbax arrays + JSON config; no pickle)
         <output>/metrics.json          per-level codebook utilisation and entropy, full-SID collision rate,
                                        reconstruction error, training time
+        <output>/_MANIFEST.json        every file's size and sha256 (``tokenminds_model.manifest``)
+
+The whole directory is written into a staging directory beside <output> and swapped in at the end, so a failed run
+keeps the previous model. <output> must be absent, empty or a SID model (replaced only with --overwrite): a folder
+holding anything else is refused (exit 2) before any work.
 
 Training is a single-machine JAX job (the catalog fits in memory), so this is a plain program, not a Beam pipeline.
 """
@@ -26,7 +31,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.cli import run_main
-from tokenminds_model.checkpoints import save_sid_model
+from tokenminds_model.checkpoints import check_sid_model_output, sid_model_writer, write_sid_model_files
 from tokenminds_model.rqvae import RQVAEConfig, rq_kmeans, train_rqvae
 from transforms import outputs, schemas
 
@@ -82,6 +87,7 @@ def embeddings_of(catalog: pa.Table) -> np.ndarray:
 
 
 def train(args: argparse.Namespace) -> dict:
+    check_sid_model_output(args.output, overwrite=args.overwrite)  # someone else's folder: refuse before any work
     files = catalog_files(args.videos, schemas.parse_date(args.date) if args.date else None)
     catalog = read_catalog(files)
     embeddings = embeddings_of(catalog)
@@ -96,7 +102,6 @@ def train(args: argparse.Namespace) -> dict:
         model = rq_kmeans(embeddings, levels=args.levels, codebook_size=args.codebook_size, seed=args.seed)
         final_loss = None
     seconds = time.perf_counter() - started
-    save_sid_model(model, args.output, overwrite=args.overwrite)
     scenarios = np.asarray(catalog["scenario"].to_pylist())
     metrics = {
         "sid_model_version": model.version,
@@ -109,7 +114,11 @@ def train(args: argparse.Namespace) -> dict:
         "catalog_files": len(files),
         **model.metrics(embeddings),
     }
-    outputs.write_text_file(outputs.join(args.output, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
+    # Staged: the checkpoint and its metrics replace the old model together, with their manifest, or not at all.
+    with sid_model_writer(args.output, overwrite=args.overwrite) as staged:
+        write_sid_model_files(model, staged.path)
+        outputs.write_text_file(outputs.join(staged.path, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
+        staged.extra["version"] = model.version
     return metrics
 
 

@@ -7,7 +7,8 @@ Reads   <validated_root>/{watch_events,search_events}/date=D/     (validate_inpu
         <output_root>/histories/date=D-1/                         (yesterday's snapshot, if it has _SUCCESS)
 Writes  <output_root>/histories/date=D/part-*.parquet             one row per user: recent watches with SIDs,
                                                                   recent searches (schemas.HISTORIES_SCHEMA)
-        <output_root>/histories/date=D/summary.json, _SUCCESS     rows in / out / dead / dropped per table
+        <output_root>/histories/date=D/_SUCCESS                   last, once every shard is written
+        <output_root>/histories/_runs/date=D/summary.json         rows in / out / dead / dropped per table
         <output_root>/dead_letter/histories/date=D/               watches of videos without a SID
 
 With no snapshot for D-1 (the first run, or after a gap), the snapshot is built from the raw validated events of
@@ -24,13 +25,13 @@ import apache_beam as beam
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines import daily_plan
 from pipelines.cli import run_main, run_per_day
-from pipelines.options import TokenMindsOptions, processing_dates, validated_root
+from pipelines.options import JobSpec, TokenMindsOptions, parse_job_options, processing_dates, validated_root
 from transforms import histories, outputs, schemas
 from transforms.sources import ReadTable, SourceConfig
 from transforms.validation import parse_timestamp
 
-SUMMARY_FILE = "summary.json"
 
 
 class UpdateHistoriesOptions(PipelineOptions):
@@ -51,12 +52,25 @@ def video_sids_dir(output_root: str, date: dt.date) -> str:
     return schemas.partition_dir(output_root, schemas.VIDEO_SIDS, date)
 
 
+def snapshot_summary_path(output_root: str, date: dt.date) -> str:
+    return schemas.run_summary_path(output_root, schemas.HISTORIES, date)
+
+
+def snapshot_sid_model_version(output_root: str, date: dt.date) -> str:
+    """The SID model a complete snapshot was built with."""
+    return outputs.read_json_file(snapshot_summary_path(output_root, date))["sid_model_version"]
+
+
+def video_sids_summary_path(output_root: str, date: dt.date) -> str:
+    return schemas.run_summary_path(output_root, schemas.VIDEO_SIDS, date)
+
+
 def current_sid_model_version(output_root: str, date: dt.date) -> str:
     directory = video_sids_dir(output_root, date)
     if not outputs.success_marker_exists(directory):
         raise FileNotFoundError(f"no complete SID assignment for {date}: {directory}/_SUCCESS is missing "
                                 "(run pipelines.assign_sids first)")
-    return outputs.read_json_file(outputs.join(directory, SUMMARY_FILE))["sid_model_version"]
+    return outputs.read_json_file(video_sids_summary_path(output_root, date))["sid_model_version"]
 
 
 def require_success(directory: str, what: str) -> None:
@@ -69,13 +83,12 @@ def _with_utc(row, column="event_ts"):
 
 
 def update_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validated_root: str,
-               job: "UpdateHistoriesOptions") -> None:
+               job: "UpdateHistoriesOptions", staged=lambda path: path) -> None:
     day = date.isoformat()
     version = current_sid_model_version(output_root, date)
     previous_dir = snapshot_dir(output_root, date - dt.timedelta(days=1))
     has_previous = outputs.success_marker_exists(previous_dir)
-    remap_previous = has_previous and outputs.read_json_file(
-        outputs.join(previous_dir, SUMMARY_FILE))["sid_model_version"] != version
+    remap_previous = has_previous and snapshot_sid_model_version(output_root, date - dt.timedelta(days=1)) != version
     event_days = [date] if has_previous else [date - dt.timedelta(days=i) for i in range(job.backfill_days)][::-1]
     validated = SourceConfig(kind="parquet", input_root=validated_root)
 
@@ -118,10 +131,10 @@ def update_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validat
                                                           job.max_history_searches))
 
     # 3. Write: snapshots and dead letters, then the summary and _SUCCESS.
-    out_dir = snapshot_dir(output_root, date)
-    dead_dir = schemas.partition_dir(outputs.join(output_root, schemas.DEAD_LETTER), schemas.HISTORIES, date)
+    out_dir = staged(snapshot_dir(output_root, date))
+    dead_dir = staged(dead_letter_dir(output_root, date))
     writes = [folded["snapshots"] | "WriteSnapshots" >> outputs.WriteParquetShards(
-                  out_dir, schemas.HISTORIES_SCHEMA, num_shards=job.history_shards),
+                  out_dir, schemas.HISTORIES_SCHEMA, num_shards=job.history_shards, key_columns=("user_id",)),
               (dead + [attached["dead"]]) | "AllDead" >> beam.Flatten()
               | "WriteDead" >> outputs.WriteParquetShards(dead_dir, schemas.DEAD_LETTER_SCHEMA)]
     counts += [attached["dead"] | "CountDead" >> outputs.CountRows(schemas.WATCH_EVENTS, day, outputs.DEAD),
@@ -135,23 +148,33 @@ def update_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validat
                    "remapped_previous_sids": remap_previous,
                    "max_history_watches": job.max_history_watches,
                    "max_history_searches": job.max_history_searches}))
-    _ = summary | "Finish" >> outputs.WriteSummaryAndSuccess(outputs.join(out_dir, SUMMARY_FILE), [out_dir],
-                                                             after=writes)
+    _ = summary | "Finish" >> outputs.WriteSummaryAndSuccess(staged(snapshot_summary_path(output_root, date)),
+                                                             [out_dir], after=writes)
+
+
+def dead_letter_dir(output_root: str, date: dt.date) -> str:
+    return schemas.partition_dir(outputs.join(output_root, schemas.DEAD_LETTER), schemas.HISTORIES, date)
+
+
+JOB = JobSpec(name="update_histories", summary=__doc__.split("\n\n")[0], option_classes=(UpdateHistoriesOptions,),
+              shared=daily_plan.get_task("update_histories").reads,
+              ranges={"max_history_watches": (1, None), "max_history_searches": (0, None),
+                      "backfill_days": (1, 3660), "history_shards": (1, 10000)})
 
 
 def run(argv: Optional[List[str]] = None) -> List[dict]:
-    options = PipelineOptions(argv)
+    options = parse_job_options(argv, JOB)
     common = options.view_as(TokenMindsOptions)
     job = options.view_as(UpdateHistoriesOptions)
     validated_tables = validated_root(options)
+    root = common.output_root
     # Days are sequential by nature (each folds into the one before), so a range runs one job per day.
-    dead_root = outputs.join(common.output_root, schemas.DEAD_LETTER)
     return run_per_day(
-        options, processing_dates(options),
-        build_day=lambda pipeline, date: update_day(pipeline, date, common.output_root, validated_tables, job),
-        summary_path=lambda date: outputs.join(snapshot_dir(common.output_root, date), SUMMARY_FILE),
-        clear_dirs=lambda date: [snapshot_dir(common.output_root, date),
-                                 schemas.partition_dir(dead_root, schemas.HISTORIES, date)])
+        options, processing_dates(options), JOB.name,
+        build_day=lambda pipeline, date, out: update_day(pipeline, date, root, validated_tables, job, out.staged),
+        output_dirs=lambda date: [dead_letter_dir(root, date),
+                                  schemas.run_summary_dir(root, schemas.HISTORIES, date), snapshot_dir(root, date)],
+        summary_path=lambda date: snapshot_summary_path(root, date))
 
 
 def main(argv=None):

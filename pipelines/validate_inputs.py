@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.cli import run_main
-from pipelines.options import TokenMindsOptions, is_dry_run, processing_dates, source_config
+from pipelines import daily_plan
+from pipelines.cli import run_main, run_staged
+from pipelines.options import (JobSpec, TokenMindsOptions, parse_job_options, processing_dates,
+                               source_config)
 from transforms import outputs, schemas
 from transforms.sources import ReadTable
 from transforms.validation import ValidateRows
@@ -54,62 +56,68 @@ def output_dirs(output_root: str, tables: List[str], date: dt.date) -> List[str]
 
 
 def validate_day(pipeline: beam.Pipeline, date: dt.date, tables: List[str], source, output_root: str,
-                 embedding_dim: int, validated_shards: int) -> None:
-    """Read, validate and write every table of one day, then its summary and _SUCCESS markers."""
+                 embedding_dim: int, validated_shards: int, staged: Callable[[str], str] = lambda path: path) -> None:
+    """Read, validate and write every table of one day, then its summary and _SUCCESS markers (each output under
+    ``staged(final path)``)."""
     counts, writes = [], []
     for table in tables:
         step = f"{table}@{date}"
         rows = pipeline | f"Read {step}" >> ReadTable(table, date, source)
         validated = rows | f"Validate {step}" >> ValidateRows(table, date, embedding_dim)
         writes.append(validated["valid"] | f"WriteValid {step}" >> outputs.WriteParquetShards(
-            schemas.partition_dir(validated_root(output_root), table, date), schemas.input_schema(table),
+            staged(schemas.partition_dir(validated_root(output_root), table, date)), schemas.input_schema(table),
             num_shards=validated_shards))
         writes.append(validated["dead"] | f"WriteDead {step}" >> outputs.WriteParquetShards(
-            schemas.partition_dir(dead_letter_root(output_root), table, date), schemas.DEAD_LETTER_SCHEMA))
+            staged(schemas.partition_dir(dead_letter_root(output_root), table, date)), schemas.DEAD_LETTER_SCHEMA))
         counts += [rows | f"CountIn {step}" >> outputs.CountRows(table, date.isoformat(), outputs.IN),
                    validated["valid"] | f"CountOut {step}" >> outputs.CountRows(table, date.isoformat(), outputs.OUT),
                    validated["dead"] | f"CountDead {step}" >> outputs.CountRows(table, date.isoformat(), outputs.DEAD)]
     summary = (counts | f"AllCountKeys {date}" >> beam.Flatten() | f"Summarize {date}" >> outputs.SummarizeCounts(
         extra={"job": "validate_inputs", "date": date.isoformat(), "embedding_dim": embedding_dim}))
-    success_dirs = [schemas.partition_dir(validated_root(output_root), t, date) for t in tables]
+    success_dirs = [staged(schemas.partition_dir(validated_root(output_root), t, date)) for t in tables]
     _ = summary | f"Finish {date}" >> outputs.WriteSummaryAndSuccess(
-        outputs.join(run_dir(output_root, date), "summary.json"), success_dirs + [run_dir(output_root, date)],
-        after=writes)
+        staged(outputs.join(run_dir(output_root, date), "summary.json")),
+        success_dirs + [staged(run_dir(output_root, date))], after=writes)
+
+
+def check_options(options: PipelineOptions) -> None:
+    tables = job_tables(options.view_as(ValidateInputsOptions))
+    unknown = sorted(set(tables) - set(schemas.INPUT_TABLES))
+    if unknown or not tables:
+        raise ValueError(f"--tables names unknown tables {unknown}; expected a subset of {schemas.INPUT_TABLES}")
+
+
+def job_tables(job: "ValidateInputsOptions") -> List[str]:
+    return [t.strip() for t in job.tables.split(",") if t.strip()]
+
+
+JOB = JobSpec(name="validate_inputs", summary=__doc__.split("\n\n")[0], option_classes=(ValidateInputsOptions,),
+              shared=daily_plan.get_task("validate_inputs").reads, ranges={"validated_shards": (1, 10000)},
+              check=check_options)
 
 
 def run(argv: Optional[List[str]] = None) -> List[dict]:
-    options = PipelineOptions(argv)
+    options = parse_job_options(argv, JOB)
     common = options.view_as(TokenMindsOptions)
     job = options.view_as(ValidateInputsOptions)
     dates = processing_dates(options)
     source = source_config(options)
-    tables = [t.strip() for t in job.tables.split(",") if t.strip()]
-    unknown = sorted(set(tables) - set(schemas.INPUT_TABLES))
-    if unknown:
-        raise ValueError(f"--tables names unknown tables {unknown}; expected a subset of {schemas.INPUT_TABLES}")
+    tables = job_tables(job)
 
-    if not is_dry_run(options):
-        # A rerun replaces the day's outputs completely: nothing from an earlier run may survive beside the new.
+    def build(pipeline, day_outputs):
+        # Every day's partitions are checked (footers, columns) while the job is built, before anything is written.
         for date in dates:
-            for directory in output_dirs(common.output_root, tables, date):
-                outputs.clear_output_dir(directory)
+            validate_day(pipeline, date, tables, source, common.output_root, common.embedding_dim,
+                         job.validated_shards, day_outputs.staged)
 
-    pipeline = beam.Pipeline(options=options)
-    for date in dates:
-        validate_day(pipeline, date, tables, source, common.output_root, common.embedding_dim, job.validated_shards)
-    result = pipeline.run()
-    if is_dry_run(options):
-        return []
-    result.wait_until_finish()
-
-    summaries = [outputs.read_json_file(outputs.join(run_dir(common.output_root, d), "summary.json")) for d in dates]
+    summaries = run_staged(
+        options, JOB.name, [d for date in dates for d in output_dirs(common.output_root, tables, date)], build,
+        summary_paths=[outputs.join(run_dir(common.output_root, d), "summary.json") for d in dates])
     for summary in summaries:
         totals = summary["totals"]
         logging.info("validate_inputs %s: in=%d out=%d dead=%d %s balanced=%s", summary["date"],
                      totals["rows_in"], totals["rows_out"], totals["rows_dead"], totals["dead_by_reason"],
                      totals["balanced"])
-        if not totals["balanced"]:
-            raise RuntimeError(f"row accounting failed for {summary['date']}: {totals}")
     return summaries
 
 

@@ -86,6 +86,6 @@ history snapshots    $OUT/histories/date=D/
 query tokenizer      $OUT/query_tokenizer/                     feature transform $OUT/feature_transform/
 training examples    $OUT/examples/date=D/ (part-*.tfrecord.gz, feature_spec.json, vocabulary.json, stats.json)
 user model           $OUT/models/date=$LAST_EXAMPLE_DAY/ (model_config.json, params/, train_state/, tensorboard/)
-user representations $OUT/user_representations/date=$END/ (summary.json: users in/out/dead, bytes per user)
+user representations $OUT/user_representations/date=$END/ (summary: user_representations/_runs/date=$END/)
 adaptation artifacts $OUT/adaptation/date=$END/ (prefix_embeddings/, sid_ngram_vocab.json, sid_spm.model)
 TXT

@@ -167,7 +167,7 @@ timed 5b.update_histories_incremental $PY -m pipelines.update_histories --start_
 pyjson "$OUT" "$BEFORE" "$DAY" "$AFTER" <<'PY'
 import json, sys
 for d in sys.argv[2:]:
-    s = json.load(open(f"{sys.argv[1]}/histories/date={d}/summary.json"))
+    s = json.load(open(f"{sys.argv[1]}/histories/_runs/date={d}/summary.json"))
     print(f"histories {d} ({s['built_from']}): stats={s['stats']} totals={s['totals']}")
 PY
 

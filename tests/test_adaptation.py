@@ -61,7 +61,8 @@ def write_catalog(root):
     for directory in [schemas.partition_dir(validated, schemas.VIDEOS, d) for d in (D1, D2, D3)] + [
             schemas.partition_dir(root, schemas.VIDEO_SIDS, D2)]:
         open(f"{directory}/{outputs.SUCCESS_MARKER}", "w").close()
-    with open(f"{schemas.partition_dir(root, schemas.VIDEO_SIDS, D2)}/summary.json", "w") as handle:
+    os.makedirs(schemas.run_summary_dir(root, schemas.VIDEO_SIDS, D2))
+    with open(schemas.run_summary_path(root, schemas.VIDEO_SIDS, D2), "w") as handle:
         json.dump({"sid_model_version": "test-v1"}, handle)
 
 
@@ -130,7 +131,7 @@ def test_every_row_is_accounted_for(built):
     assert dead == {("videos", "n", "video_without_sid"), ("video_sids", "o", "sid_without_video"),
                     ("videos", "w", "bad_embedding"), ("video_sids", "w", "bad_embedding"),
                     ("videos", "s", "bad_sid"), ("video_sids", "s", "bad_sid"), ("video_sids", "d", "duplicate_sid")}
-    assert files_under(built["out"]) == ["_SUCCESS", "prefix_embeddings/part-00000-of-00001.parquet",
+    assert files_under(built["out"]) == ["_MANIFEST.json", "_SUCCESS", "prefix_embeddings/part-00000-of-00001.parquet",
                                          "sid_ngram_vocab.json", "sid_spm.json", "sid_spm.model", "summary.json"]
     assert summary["stats"] == {"prefix_embeddings.rows": 16}
 
@@ -154,10 +155,10 @@ def test_rerun_with_worker_processes_replaces_the_output(built, tmp_path):
     for stale in (f"{out}/prefix_embeddings/part-00007-of-00009.parquet", f"{out}/old.json", f"{dead}/x.parquet"):
         open(stale, "w").close()
     summary = run_job(root, "--prefix_embedding_shards=2", *MULTIPROCESS)
-    assert files_under(out) == ["_SUCCESS", "prefix_embeddings/part-00000-of-00002.parquet",
+    assert files_under(out) == ["_MANIFEST.json", "_SUCCESS", "prefix_embeddings/part-00000-of-00002.parquet",
                                 "prefix_embeddings/part-00001-of-00002.parquet", "sid_ngram_vocab.json",
                                 "sid_spm.json", "sid_spm.model", "summary.json"]
-    assert files_under(dead) == ["part-00000-of-00001.parquet"]
+    assert files_under(dead) == ["_MANIFEST.json", "part-00000-of-00001.parquet"]
     assert summary["totals"] == built["summary"]["totals"]
 
     def rows(directory):

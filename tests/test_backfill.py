@@ -86,7 +86,9 @@ def test_options_are_sorted_to_their_steps(capsys):
     steps = backfill.load_steps(["update_histories"])
     assert backfill.split_passthrough(["--max_targets=1"], steps) == ([], [])  # another step's option: dropped
     assert steps["update_histories"].args == []
-    assert "--max_targets is an option of build_examples, which is not among --steps" in capsys.readouterr().err
+    warnings = capsys.readouterr().err
+    assert "--max_targets is an option of build_examples and refresh_users, not among --steps" in warnings
+    assert "--input_root is read by none of --steps; ignored" in warnings
 
 
 def test_fingerprint_ignores_runner_options_spelling_and_location():
@@ -252,7 +254,7 @@ def test_new_sid_model_reruns_sids_histories_and_examples(backfilled, tmp_path):
     assert "sid_model version" in next(i.reason for i in result.items if i.key == ("assign_sids", dates[0]))
 
 
-def test_training_is_planned_after_the_examples(backfilled):
+def test_training_is_planned_after_the_examples(backfilled, tmp_path):
     if importlib.util.find_spec("tokenminds_model.train") is None:
         pytest.skip("tokenminds_model.train does not exist yet")
     d0, d1, d2 = backfilled["dates"]
@@ -261,10 +263,20 @@ def test_training_is_planned_after_the_examples(backfilled):
     items = {item.key: item for item in result.items}
     assert [item.key for item in result.items] == [("build_examples", d0), ("train", d0), ("build_examples", d1),
                                                    ("train", d1), ("build_examples", d2), ("train", d2)]
-    # The first day has no checkpoint to continue from (bootstrap it by hand); the last day's examples wait.
-    assert items[("train", d0)].action == backfill.BLOCKED and "needs train" in items[("train", d0)].reason
+    # No checkpoint exists before the first day: it trains from scratch (no --init_from); the next day continues
+    # from it; the last day's examples wait.
+    assert items[("train", d0)].action == backfill.RUN and items[("train", d0)].first_day
+    assert items[("train", d0)].argv == [f"--examples={out}/examples/date={d0}", f"--output={out}/models/date={d0}"]
     assert items[("train", d2)].action == backfill.DEFERRED
     assert items[("train", d1)].argv == [f"--examples={out}/examples/date={d1}", f"--init_from={out}/models/date={d0}",
                                          f"--output={out}/models/date={d1}"]
+    # With a checkpoint of an earlier day, the range's first day is no first day: it needs the day before.
+    copy = _copy(backfilled, tmp_path)
+    earlier = Path(copy) / "models" / f"date={d0 - dt.timedelta(days=2)}"
+    earlier.mkdir(parents=True)
+    (earlier / "_SUCCESS").write_text("")
+    blocked = {item.key: item for item in _run(backfilled, copy, "--dry_plan", steps="build_examples,train").items}
+    assert blocked[("train", d0)].action == backfill.BLOCKED and not blocked[("train", d0)].first_day
+    assert "needs train" in blocked[("train", d0)].reason
     with pytest.raises(ValueError, match="cannot run"):
-        _run(backfilled, out, steps="build_examples,train")
+        _run(backfilled, copy, steps="build_examples,train")

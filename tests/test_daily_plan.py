@@ -1,11 +1,7 @@
-"""The daily plan (pipelines.daily_plan) and the Airflow DAG built from it (dags/tokenminds_daily.py).
-
-The task graph is tested through the plain-Python plan, always; the DAG module only where Airflow is installed (it is
-a deployment-side dependency, not in requirements.txt).
+"""The daily plan (pipelines.daily_plan), in plain Python. The Airflow DAG built from it (dags/tokenminds_daily.py)
+is tested in its own environment by tests/test_airflow_dag.py (Airflow is not in requirements.txt).
 """
 import datetime as dt
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +10,6 @@ from pipelines.daily_plan import get_task
 
 D = dt.date(2026, 1, 5)
 ROOT = "gs://bucket/tokenminds"
-DAG_FILE = Path(__file__).resolve().parents[1] / "dags" / "tokenminds_daily.py"
 
 
 def test_tasks_in_dependency_order():
@@ -126,74 +121,27 @@ def test_plan_cli_prints_a_day(capsys):
     assert "waits for gs://raw/videos/date=2026-01-05/_SUCCESS" in out
 
 
-def _load_dag_module(monkeypatch, tasks=None):
-    pytest.importorskip("airflow")
-    pytest.importorskip("airflow.providers.apache.beam.operators.beam")
-    pytest.importorskip("airflow.providers.google.cloud.operators.dataflow")  # the Beam operators' Dataflow support
-    if tasks:
-        monkeypatch.setenv("TOKENMINDS_DAG_TASKS", tasks)
-    spec = importlib.util.spec_from_file_location("tokenminds_daily_dag", DAG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_dag_imports_and_follows_the_plan(monkeypatch):
-    module = _load_dag_module(monkeypatch)
-    from airflow.providers.apache.beam.operators.beam import BeamRunPythonPipelineOperator
-
-    dag = module.dag
-    present = [t.name for t in daily_plan.TASKS if importlib.util.find_spec(t.module) is not None]
-    assert set(dag.task_ids) == {n for n in present} | {f"wait_for_{n}" for n in present}
-    for name in present:
-        task = get_task(name)
-        operator, sensor = dag.get_task(name), dag.get_task(f"wait_for_{name}")
-        assert operator.upstream_task_ids == {sensor.task_id}
-        assert sensor.upstream_task_ids == set(daily_plan.same_run_upstream(task))
-        assert operator.depends_on_past == task.sequential
-        if task.kind == daily_plan.BEAM:
-            assert isinstance(operator, BeamRunPythonPipelineOperator)
-            assert operator.py_file == task.module and operator.py_options == ["-m"]
-            assert operator.runner == "DataflowRunner"
-            assert "var.value.tokenminds_gcp_project" in str(operator.dataflow_config)
-
-
-def test_dag_operator_renders_the_plan_arguments(monkeypatch, tmp_path):
-    module = _load_dag_module(monkeypatch)
-    from airflow.providers.apache.beam.operators.beam import BeamRunPythonPipelineOperator
-
-    captured = {}
-    monkeypatch.setattr(BeamRunPythonPipelineOperator, "execute",
-                        lambda self, context: captured.update(self.pipeline_options, **self.default_pipeline_options))
-    operator = module.dag.get_task("build_examples")
-    operator.output_root, operator.input_root, operator.job_args = "gs://b/out", "", "--source=bigquery --seed=3"
-    operator.default_pipeline_options = {"temp_location": "gs://b/tmp", "staging_location": "",
-                                         "sdk_container_image": "", "setup_file": "/repo/setup.py"}
-    operator.execute({"ds": "2026-01-05"})
-    assert captured == {"date": "2026-01-04", "output_root": "gs://b/out", "source": "bigquery", "seed": "3",
-                        "temp_location": "gs://b/tmp", "setup_file": "/repo/setup.py"}
-    # A manual run may name its day.
-    run = type("DagRun", (), {"conf": {"date": "2026-01-09"}})()
-    assert module.processing_day({"dag_run": run, "ds": "2026-01-05"}) == dt.date(2026, 1, 9)
-    # The sensor callable checks the plan's markers.
-    root = tmp_path / "out"
-    assert not module.inputs_ready("build_examples", str(root), ds="2026-01-05")
-    for day in ("2026-01-04", "2026-01-05"):
-        (root / "histories" / f"date={day}").mkdir(parents=True)
-        (root / "histories" / f"date={day}" / "_SUCCESS").write_text("")
-    assert module.inputs_ready("build_examples", str(root), ds="2026-01-05")
-
-
-def test_dag_with_every_planned_task(monkeypatch):
-    module = _load_dag_module(monkeypatch, tasks=",".join(daily_plan.TASK_NAMES))
-    dag = module.dag
-    assert set(dag.task_ids) == set(daily_plan.TASK_NAMES) | {f"wait_for_{n}" for n in daily_plan.TASK_NAMES}
-    assert dag.get_task("wait_for_refresh_users").upstream_task_ids == {"train", "update_histories"}
-    trainer = dag.get_task("train")
-    assert trainer.depends_on_past and not dag.get_task("build_examples").depends_on_past
-    monkeypatch.setattr(module, "PY_INTERPRETER", "echo")  # render the command instead of training
-    trainer.output_root = "/data/out"
-    monkeypatch.setattr(type(trainer).__mro__[1], "execute", lambda self, context: self.bash_command)
-    assert trainer.execute({"ds": "2026-01-05"}) == (
-        "echo -m tokenminds_model.train --examples=/data/out/examples/date=2026-01-04 "
-        "--init_from=/data/out/models/date=2026-01-03 --output=/data/out/models/date=2026-01-04")
+def test_training_first_day_starts_fresh_and_later_days_continue():
+    train = get_task("train")
+    assert train.bootstrapped and not any(t.bootstrapped for t in daily_plan.TASKS if t.name != "train")
+    assert daily_plan.own_output_glob(train, ROOT + "/") == (f"{ROOT}/models/date=*/_SUCCESS",)
+    found = daily_plan.dates_of([f"{ROOT}/models/date=2026-01-02/_SUCCESS", f"{ROOT}/models/date=2026-01-04/_SUCCESS",
+                                 f"{ROOT}/examples/_SUCCESS"])
+    assert found == [dt.date(2026, 1, 2), dt.date(2026, 1, 4)]
+    # The first day: no checkpoint before it (one of that day or later does not count).
+    assert daily_plan.first_day(train, dt.date(2026, 1, 2), found)
+    assert not daily_plan.first_day(train, dt.date(2026, 1, 3), found)
+    assert not daily_plan.first_day(get_task("assign_sids"), D, [])
+    fresh = daily_plan.render_args(train, dt.date(2026, 1, 4), ROOT, first_day=True)
+    assert fresh == [f"--examples={ROOT}/examples/date=2026-01-04", f"--output={ROOT}/models/date=2026-01-04"]
+    assert daily_plan.sensor_paths(train, D, ROOT, first_day=True) == [f"{ROOT}/examples/date=2026-01-04/_SUCCESS"]
+    # A bootstrap input must be an earlier output of the task itself.
+    broken = [daily_plan.Task(name="x", module="m", kind=daily_plan.BEAM, date_offset=0,
+                              inputs=(daily_plan.Input("validate_inputs", 0, bootstrap=True),),
+                              outputs=lambda root, date: (), arguments=lambda date, root: [])]
+    with pytest.raises(ValueError, match="bootstrap"):
+        daily_plan.check_plan(list(daily_plan.TASKS[:1]) + broken)
+    # The plan CLI shows a first day.
+    runs = daily_plan.daily_run(D, ROOT, first_days=["train"])
+    assert next(r for r in runs if r.name == "train").args == tuple(
+        daily_plan.render_args(train, dt.date(2026, 1, 4), ROOT, first_day=True))

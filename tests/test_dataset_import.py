@@ -214,6 +214,8 @@ def test_partitions_follow_utc_days_and_empty_days_get_empty_partitions(tmp_path
         for date in manifest["dates"]:
             part = _read_partition(root, table, date)  # every day has a file, empty or not
             assert part.num_rows == manifest["row_counts"][table][date]
+            # ... and then its landing marker, what the daily DAG's first sensor waits for.
+            assert sorted(os.listdir(schemas.partition_dir(str(root), table, date))) == ["_SUCCESS", di.PART_FILE]
             for row in part.to_pylist():
                 assert row[schemas.PARTITION_COLUMN[table]].date().isoformat() == date
     assert [d["date"] for d in manifest["densest_dates"]] == ["2001-03-01", "2001-03-02", "2001-03-05"]

@@ -468,7 +468,7 @@ def test_token_minds_decode_grouped_equals_batch_aligned_decode(flax_setup, cons
     rng = np.random.default_rng(33)
     catalogue = rng.integers(0, 4, size=(12, 3)) if constrained else None
     constraints = {SFV_ID: PrefixConstraint.from_codes(catalogue, 3, 4)} if constrained else None
-    for beam_size, top_n in ((5, 4), (16, 16)):
+    for beam_size, top_n in ((5, 4),):  # a narrow beam: pruning and cache reordering at every level
         options = dict(layout=FLAX_LAYOUT, prefix_len=3, beam_size=beam_size, top_n=top_n, params=params,
                        constraints=constraints)
         grouped = multi_context_decode(fns.decode_grouped, enc_states, enc_mask, grouped=True, **options)
@@ -485,6 +485,53 @@ def test_token_minds_decode_grouped_equals_batch_aligned_decode(flax_setup, cons
                 reference = exhaustive_top_n(prefixes, all_scores, top_n,
                                              catalogue=catalogue if condition == SFV_ID else None)
                 assert_same_top_n(*grouped[condition], *reference)
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_incremental_kv_cache_decoding_equals_grouped_decoding(flax_setup, constrained):
+    """The model's incremental decoder (memory and cross-attention keys/values once per user, self-attention
+    keys/values cached across levels and reordered with the beams, logits for each row's newest position only)
+    decodes the codes of ``decode_grouped`` (the full recompute, itself checked against exhaustive search above),
+    scores to float rounding."""
+    from tokenminds_model import model as model_lib
+
+    _, tokens = flax_setup
+    fns = model_functions(GROUPED_MODEL_CONFIG)
+    params = fns.init(jax.random.key(5))
+    enc_states, enc_mask = jax.jit(fns.encode)(params, tokens)
+    catalogue = np.random.default_rng(34).integers(0, 4, size=(12, 3)) if constrained else None
+    constraints = {SFV_ID: PrefixConstraint.from_codes(catalogue, 3, 4)} if constrained else None
+    calls = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, model_lib.Decoder) and context.method_name in ("start", "step"):
+            calls.append((context.method_name, tuple(np.shape(args[0]))))
+        if isinstance(context.module, nn.Dense) and context.module.name == "logits":
+            calls.append(("logits", tuple(np.shape(args[0]))))
+        return next_fun(*args, **kwargs)
+
+    for beam_size, top_n in ((5, 4),):  # a narrow beam: pruning and cache reordering at every level
+        options = dict(layout=FLAX_LAYOUT, prefix_len=3, beam_size=beam_size, top_n=top_n, params=params,
+                       constraints=constraints)
+        calls.clear()
+        with nn.intercept_methods(record):
+            cached = multi_context_decode(fns.incremental_decoder, enc_states, enc_mask, **options)
+        # One start (memory K/V once per user), one step per level, each on one token per row: [B, C * beam].
+        rows = [(USERS, 2), (USERS, 2 * beam_size), (USERS, 2 * beam_size)]
+        assert [c for c in calls if c[0] != "logits"] == [("start", (USERS, ENC_LEN + 1, D_MODEL))] + [
+            ("step", r) for r in rows]
+        assert [c[1] for c in calls if c[0] == "logits"] == [r + (D_MODEL,) for r in rows]  # newest position only
+        full = multi_context_decode(fns.decode_grouped, enc_states, enc_mask, grouped=True, **options)
+        for condition in (LFV_ID, SFV_ID):
+            np.testing.assert_array_equal(cached[condition][0], full[condition][0])
+            np.testing.assert_array_equal(np.isneginf(cached[condition][1]), np.isneginf(full[condition][1]))
+            np.testing.assert_allclose(cached[condition][1], full[condition][1], rtol=1e-5, atol=1e-5)
+    if not constrained:  # single-context beam search takes the incremental decoder too
+        single = beam_search(fns.incremental_decoder, enc_states, enc_mask, LFV_ID, FLAX_LAYOUT, 2, beam_size=4,
+                             top_n=3, params=params)
+        np.testing.assert_array_equal(single[0], beam_search(fns.decode_grouped, enc_states, enc_mask, LFV_ID,
+                                                             FLAX_LAYOUT, 2, beam_size=4, top_n=3, params=params,
+                                                             grouped=True)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -184,3 +184,167 @@ def test_truncated_tfrecord_shard_is_reported_by_name(daily_flow, tmp_path):
     with pytest.raises(CorruptShardError, match=shard.name):
         for _ in numpy_batches([str(copy)], 8, seed=None, drop_remainder=False):
             pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding and hidden-file drills
+# ---------------------------------------------------------------------------------------------------------------
+def write_bytes_partition(root, table, rows, name="part-00000.parquet"):
+    """A partition whose string columns may hold arbitrary bytes: written as binary, relabelled string unchecked,
+    so the file really holds invalid UTF-8 (as an upstream writer that skips validation produces)."""
+    import pyarrow.parquet as pq
+
+    schema = schemas.input_schema(table)
+    loose = pa.schema([f.with_type(pa.binary()) if f.type == pa.string() else f for f in schema])
+    directory = Path(schemas.partition_dir(str(root), table, DAY))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    pq.write_table(pa.Table.from_pylist(rows, schema=loose).cast(schema, safe=False), path)
+    assert pq.read_table(path).schema == schema
+    with pytest.raises(UnicodeDecodeError):
+        pq.read_table(path).to_pylist()
+    return path
+
+
+def read_summary(out):
+    import json
+
+    return json.loads((Path(validate_inputs.run_dir(str(out), DAY)) / "summary.json").read_text())
+
+
+def assert_cli_ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_utf8_in_any_string_column_is_dead_lettered_and_good_rows_survive(tmp_path):
+    from tests.helpers import video
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    t = lambda minute: dt.datetime(2026, 1, 1, 9, minute, tzinfo=dt.timezone.utc)  # noqa: E731
+    good_watches = [watch(user_id=f"u{i}".encode(), video_id=b"v1", scenario=b"LFV", surface=b"home", device=b"IOS",
+                          event_ts=t(i)) for i in range(4)]
+    bad_watches = [watch(user_id=b"u\xff", event_ts=t(10)), watch(video_id=b"v\xc3", event_ts=t(11)),
+                   watch(scenario=b"LF\x80", event_ts=t(12)), watch(surface=b"\xfehome", event_ts=t(13)),
+                   watch(device=b"I\xedOS", event_ts=t(14))]
+    bad_watches = [{k: (val.encode() if isinstance(val, str) else val) for k, val in row.items()}
+                   for row in bad_watches]
+    # Bad rows interleaved with good ones in the same file (and the same row group).
+    write_bytes_partition(raw, schemas.WATCH_EVENTS, [r for pair in zip(good_watches, bad_watches) for r in pair]
+                          + good_watches[len(bad_watches):] + bad_watches[len(good_watches):])
+    searches = [search(user_id=b"u1", query=b"funny cats", event_ts=t(0)),
+                search(user_id=b"u2", query=b"caf\xc3\xa9 music", event_ts=t(1)),
+                search(user_id=b"u3", query=b"\xff\xfe cats", event_ts=t(2)),
+                search(user_id=b"u\xff", query=b"dogs", event_ts=t(3))]
+    write_bytes_partition(raw, schemas.SEARCH_EVENTS, searches)
+    write_bytes_partition(raw, schemas.VIDEOS, [{**video(video_id="v1"), "video_id": b"v1", "scenario": b"LFV"},
+                                                {**video(video_id="v2"), "video_id": b"v\xff2", "scenario": b"LFV"}])
+
+    result = cli_validate(raw, out)
+    assert_cli_ok(result)
+    totals = read_summary(out)["totals"]
+    assert totals["balanced"] and totals["rows_in"] == 9 + 4 + 2
+    assert totals["dead_by_reason"] == {v.BAD_ENCODING: 5 + 1 + 1, v.BAD_QUERY_ENCODING: 1}
+    valid = table_rows(out, DAY)
+    assert len(valid[schemas.WATCH_EVENTS]) == 4 and all("'u" in r for r in valid[schemas.WATCH_EVENTS])
+    queries = read_parquet_dir(schemas.partition_dir(f"{out}/validated", schemas.SEARCH_EVENTS, DAY))
+    assert sorted(r["query"] for r in queries) == ["caf\u00e9 music", "funny cats"]
+    assert [r["video_id"] for r in read_parquet_dir(schemas.partition_dir(f"{out}/validated", schemas.VIDEOS,
+                                                                          DAY))] == ["v1"]
+    dead = read_parquet_dir(schemas.partition_dir(f"{out}/{schemas.DEAD_LETTER}", schemas.WATCH_EVENTS, DAY))
+    assert sorted(r["detail"].split(" ")[0] for r in dead) == ["device", "scenario", "surface", "user_id",
+                                                               "video_id"]
+    assert all("bytes_base64" in r["raw_row"] for r in dead)  # the undecodable value is kept, replayable
+
+
+def test_lone_surrogates_are_dead_lettered_before_the_parquet_writers(tmp_path):
+    import json
+
+    from transforms import outputs
+
+    # Lone surrogates come from readers and code that build text from raw code units. Beam's coders refuse them in
+    # any element, so rows are validated here outside Beam, and what validation keeps and dead-letters is written
+    # with the jobs' own Parquet writer, as validate_inputs does.
+    rows = [watch(user_id="u1"), watch(user_id="u\ud800"), watch(video_id="v\udfff"),
+            watch(user_id="u2", device="TV\udc80"), search(user_id="u3", query="cats \ud83d")]
+    valid, dead = [], []
+    for row in rows:
+        table = schemas.SEARCH_EVENTS if "query" in row else schemas.WATCH_EVENTS
+        clean, rejection = v.validate_row(table, row, DAY)
+        if rejection is None:
+            valid.append(clean)
+        else:
+            dead.append(v.dead_letter_row(table, DAY, row, rejection))
+    with TestPipeline(options=PipelineOptions(FNAPI)) as p:
+        _ = p | "Valid" >> beam.Create(valid) | "WriteValid" >> outputs.WriteParquetShards(
+            str(tmp_path / "valid"), schemas.WATCH_EVENTS_SCHEMA)
+        _ = p | "Dead" >> beam.Create(dead) | "WriteDead" >> outputs.WriteParquetShards(
+            str(tmp_path / "dead"), schemas.DEAD_LETTER_SCHEMA)
+    assert [r["user_id"] for r in read_parquet_dir(str(tmp_path / "valid"))] == ["u1"]
+    written = read_parquet_dir(str(tmp_path / "dead"))
+    assert sorted(r["reason"] for r in written) == [v.BAD_ENCODING] * 3 + [v.BAD_QUERY_ENCODING]
+    raw_ids = sorted(json.loads(r["raw_row"])["user_id"] for r in written)
+    assert raw_ids == ["u1", "u2", "u3", "u\ud800"]  # the dead-letter JSON keeps the surrogate, escaped
+
+
+def test_queries_of_only_invisible_characters_are_empty_queries(one_good_day, tmp_path):
+    invisible = ["\u200b\u200c", "\x00\x01", "\u2060 \ufeff", "\u200e\u00ad"]
+    write_partition(one_good_day, schemas.SEARCH_EVENTS, DAY,
+                    [search(user_id=f"x{i}", query=q) for i, q in enumerate(invisible)] + [
+                        search(user_id="kept", query="\u200bcats")], name="part-00001.parquet")
+    out = tmp_path / "out"
+    assert_cli_ok(cli_validate(one_good_day, out))
+    searches = read_summary(out)["tables"][schemas.SEARCH_EVENTS][DAY.isoformat()]
+    assert searches["dead_by_reason"] == {v.EMPTY_QUERY: 4} and searches["balanced"]
+    kept = read_parquet_dir(schemas.partition_dir(f"{out}/validated", schemas.SEARCH_EVENTS, DAY))
+    assert sorted(r["query"] for r in kept) == ["funny cats", "\u200bcats"]  # accepted text kept as it came
+
+
+def test_hidden_files_in_a_partition_are_not_read(one_good_day, tmp_path):
+    for table in schemas.INPUT_TABLES:
+        directory = Path(schemas.partition_dir(str(one_good_day), table, DAY))
+        for hidden in (".part-00000.parquet", "_part-00000.parquet"):  # a writer's temp copy, a staging copy
+            shutil.copy(directory / "part-00000.parquet", directory / hidden)
+        (directory / ".part-00000.parquet.crc").write_bytes(b"\x00" * 8)
+        (directory / "_SUCCESS").write_bytes(b"")
+    out = tmp_path / "out"
+    assert_cli_ok(cli_validate(one_good_day, out))
+    assert read_summary(out)["totals"] == {"rows_in": 3, "rows_out": 3, "rows_dead": 0, "dead_by_reason": {},
+                                           "balanced": True}  # one row per table, not three
+
+
+def test_marker_only_and_zero_row_partitions_are_empty_days(one_good_day, tmp_path):
+    searches = Path(schemas.partition_dir(str(one_good_day), schemas.SEARCH_EVENTS, DAY))
+    for path in searches.iterdir():
+        path.unlink()
+    (searches / "_SUCCESS").write_bytes(b"")  # an empty day: the partition with its marker and no data files
+    videos = Path(schemas.partition_dir(str(one_good_day), schemas.VIDEOS, DAY))
+    (videos / "part-00000.parquet").unlink()
+    write_partition(one_good_day, schemas.VIDEOS, DAY, [])  # an empty day: a zero-row file with the schema
+    out = tmp_path / "out"
+    assert_cli_ok(cli_validate(one_good_day, out))
+    assert read_summary(out)["totals"] == {"rows_in": 1, "rows_out": 1, "rows_dead": 0, "dead_by_reason": {},
+                                           "balanced": True}
+    for table in schemas.INPUT_TABLES:
+        assert (Path(schemas.partition_dir(f"{out}/validated", table, DAY)) / "_SUCCESS").exists()
+
+
+def test_missing_day_advice_is_followable_and_a_zero_byte_file_is_named(one_good_day, tmp_path):
+    searches = Path(schemas.partition_dir(str(one_good_day), schemas.SEARCH_EVENTS, DAY))
+    shutil.rmtree(searches)
+    result = cli_validate(one_good_day, tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no Parquet files for 2026-01-01" in result.stderr and "_SUCCESS" in result.stderr
+    assert "even an empty file" not in result.stderr
+
+    searches.mkdir()
+    (searches / "part-00000.parquet").write_bytes(b"")  # "an empty file" is not Parquet
+    result = cli_validate(one_good_day, tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "search_events" in result.stderr and "part-00000.parquet is empty (0 bytes)" in result.stderr
+
+    (searches / "part-00000.parquet").unlink()
+    (searches / "_SUCCESS").write_bytes(b"")  # what the message advises
+    result = cli_validate(one_good_day, tmp_path / "out")
+    assert_cli_ok(result)
+    assert read_summary(tmp_path / "out")["totals"]["rows_in"] == 2

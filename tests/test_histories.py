@@ -80,7 +80,8 @@ def write_sids(root, day, sids, version="m1"):
              "assigned_date": day.isoformat()} for v, s in sids.items()]
     directory = schemas.partition_dir(root, schemas.VIDEO_SIDS, day)
     write_partition(root, schemas.VIDEO_SIDS, day, rows, schema=schemas.VIDEO_SIDS_SCHEMA)
-    outputs.write_text_file(os.path.join(directory, "summary.json"), json.dumps({"sid_model_version": version}))
+    outputs.write_text_file(schemas.run_summary_path(root, schemas.VIDEO_SIDS, day),
+                            json.dumps({"sid_model_version": version}))
     outputs.write_text_file(os.path.join(directory, "_SUCCESS"), "")
 
 

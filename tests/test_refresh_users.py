@@ -146,7 +146,7 @@ def test_serving_input_equals_the_training_example_history(daily_flow):
     from tokenminds_model.data import numpy_batches
     from tokenminds_model.query_tokenizer import QueryTokenizer
     from tokenminds_model.vocabulary import VocabularyLayout
-    from pipelines.build_examples import sequence_config, BuildExamplesOptions
+    from pipelines.build_examples import sequence_config, SequenceOptions
     from apache_beam.options.pipeline_options import PipelineOptions
     from transforms import features
 
@@ -154,7 +154,7 @@ def test_serving_input_equals_the_training_example_history(daily_flow):
     day = daily_flow["dates"][1]
     directory = str(out / "examples" / f"date={day}")
     layout = VocabularyLayout.load_manifest(f"{directory}/vocabulary.json")
-    config = sequence_config(PipelineOptions([]).view_as(BuildExamplesOptions))
+    config = sequence_config(PipelineOptions([]).view_as(SequenceOptions))
     tokenizer, featurizer = QueryTokenizer.load(str(out / "query_tokenizer")), features.WatchFeaturizer(
         str(out / "feature_transform"))
     snapshots = {}

@@ -122,6 +122,10 @@ def test_same_seed_gives_identical_tables_and_files(dataset, written, tmp_path):
             relative = os.path.join(schemas.partition_dir("", table, date).lstrip("/"), sample_data.PART_FILE)
             with open(os.path.join(written, relative), "rb") as a, open(os.path.join(tmp_path, relative), "rb") as b:
                 assert a.read() == b.read(), relative
+            # Each partition's landing marker (written after its data), what the daily DAG's first sensor waits for.
+            marker = os.path.join(written, os.path.dirname(relative), "_SUCCESS")
+            assert os.path.getsize(marker) == 0
+            assert os.path.getmtime(marker) >= os.path.getmtime(os.path.join(written, relative))
 
 
 def test_different_seed_gives_different_data(dataset):

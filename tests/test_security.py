@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+import os
+
 import pytest
 
 from transforms import outputs
@@ -48,19 +50,31 @@ def test_bigquery_sql_is_never_built_from_option_values():
 
 @pytest.mark.parametrize("path", ["/", "", "workdir/out", "workdir/out/histories", "workdir/out/../date=2026-01-01",
                                   "gs://bucket/out/validated/date=2026-01-01/.."])
-def test_recursive_deletes_are_confined_to_date_partitions(path):
-    with pytest.raises(ValueError, match="refusing to clear"):
-        outputs.clear_output_dir(path)
+def test_replacing_outputs_is_confined_to_date_partitions(path):
+    from transforms.publish import DayOutputs
+
+    with pytest.raises(ValueError, match="refusing to publish"):
+        DayOutputs("job", [path])
 
 
-def test_clearing_a_partition_removes_only_that_partition(tmp_path):
+def test_publishing_a_partition_replaces_only_that_partition(tmp_path):
+    from transforms.publish import DayOutputs
+
     keep = tmp_path / "out" / "histories" / "date=2026-01-01"
-    clear = tmp_path / "out" / "histories" / "date=2026-01-02"
-    for d in (keep, clear):
+    replace = tmp_path / "out" / "histories" / "date=2026-01-02"
+    for d in (keep, replace):
         d.mkdir(parents=True)
-        (d / "part-00000-of-00001.parquet").write_text("x")
-    assert outputs.clear_output_dir(str(clear)) == 1
-    assert list(keep.iterdir()) and not list(clear.iterdir())
+        (d / "part-00000-of-00002.parquet").write_text("old")
+    day = DayOutputs("job", [str(replace)])
+    day.check_replaceable()
+    staged = day.staged(str(replace))
+    os.makedirs(staged)
+    with open(os.path.join(staged, "part-00000-of-00001.parquet"), "w") as handle:
+        handle.write("new")
+    day.publish()
+    assert sorted(p.name for p in keep.iterdir()) == ["part-00000-of-00002.parquet"]
+    assert sorted(p.name for p in replace.iterdir()) == ["_MANIFEST.json", "part-00000-of-00001.parquet"]
+    assert [p.name for p in replace.parent.iterdir() if p.name.startswith(".")] == []
 
 
 def test_an_artifact_directory_is_only_replaced_if_it_is_that_artifact(tmp_path):

@@ -73,7 +73,7 @@ def test_rerun_replaces_the_days_output_without_stale_shards(tmp_path):
     first = read_parquet_dir(schemas.partition_dir(str(tmp_path / "out/validated"), schemas.WATCH_EVENTS, DAY))
     run(tmp_path, FNAPI, ["--validated_shards=1"])
     directory = schemas.partition_dir(str(tmp_path / "out/validated"), schemas.WATCH_EVENTS, DAY)
-    assert sorted(os.listdir(directory)) == ["_SUCCESS", "part-00000-of-00001.parquet"]
+    assert sorted(os.listdir(directory)) == ["_MANIFEST.json", "_SUCCESS", "part-00000-of-00001.parquet"]
     second = read_parquet_dir(directory)
     key = lambda r: (r["user_id"], r["event_ts"])
     assert sorted(first, key=key) == sorted(second, key=key)

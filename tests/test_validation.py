@@ -111,3 +111,68 @@ def test_distinct_events_have_distinct_keys():
     b = check(schemas.WATCH_EVENTS, watch(scenario="SFV"))[0]
     c = check(schemas.WATCH_EVENTS, watch(event_ts=T0 + dt.timedelta(microseconds=1)))[0]
     assert len({v.dedup_key(schemas.WATCH_EVENTS, r) for r in (a, b, c)}) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encodings: every string a row keeps must be valid UTF-8 text; invisible-only queries are empty.
+# ---------------------------------------------------------------------------------------------------------------
+STRING_COLUMNS = [(schemas.WATCH_EVENTS, watch, name) for name in ("user_id", "video_id", "scenario", "surface",
+                                                                    "device")]
+STRING_COLUMNS += [(schemas.SEARCH_EVENTS, search, "user_id"), (schemas.VIDEOS, video, "video_id"),
+                   (schemas.VIDEOS, video, "scenario")]
+
+
+@pytest.mark.parametrize("table,make,name", STRING_COLUMNS, ids=lambda x: x if isinstance(x, str) else None)
+def test_undecodable_bytes_in_any_string_column_are_bad_encoding(table, make, name):
+    # What the Parquet source passes on for a value of a string column that is not UTF-8.
+    clean, rejection = check(table, make(**{name: b"\xff\xfe" + b"x"}))
+    assert clean is None and rejection.reason == v.BAD_ENCODING, rejection
+    assert name in rejection.detail
+
+
+@pytest.mark.parametrize("table,make,name", STRING_COLUMNS, ids=lambda x: x if isinstance(x, str) else None)
+def test_lone_surrogates_in_any_string_column_are_bad_encoding(table, make, name):
+    good = make()[name]
+    clean, rejection = check(table, make(**{name: good + "\ud800"}))
+    assert clean is None and rejection.reason == v.BAD_ENCODING, rejection
+
+
+def test_utf8_bytes_in_string_columns_are_decoded_to_text():
+    clean, rejection = check(schemas.WATCH_EVENTS, watch(user_id=b"u\xc3\xa9", video_id=b"v1", scenario=b"SFV",
+                                                         surface=b"home", device=b"TV"))
+    assert rejection is None
+    assert (clean["user_id"], clean["video_id"], clean["scenario"], clean["surface"], clean["device"]) == (
+        "u\u00e9", "v1", "SFV", "home", "TV")
+
+
+@pytest.mark.parametrize("query", ["\u200b\u200c", "\x00\x01", "\u2060 \ufeff", "\u2028\u2029\u3000\t",
+                                   "\u200e\u200f\u00ad", b"\xe2\x80\x8b"])
+def test_query_of_only_invisible_characters_is_empty(query):
+    clean, rejection = check(schemas.SEARCH_EVENTS, search(query=query))
+    assert clean is None and rejection.reason == v.EMPTY_QUERY, rejection
+
+
+def test_query_with_invisible_characters_around_text_is_kept_as_it_came():
+    clean, rejection = check(schemas.SEARCH_EVENTS, search(query="\u200bcats\u00a0dogs "))
+    assert rejection is None and clean["query"] == "\u200bcats\u00a0dogs "
+
+
+@pytest.mark.parametrize("name", ["user_id", "video_id"])
+def test_ids_of_only_invisible_characters_are_missing(name):
+    clean, rejection = check(schemas.WATCH_EVENTS, watch(**{name: "\u200b\ufeff"}))
+    assert clean is None and rejection.reason == v.MISSING_FIELD
+
+
+def test_dead_letter_of_undecodable_bytes_and_lone_surrogates_is_writable_and_replayable():
+    import pyarrow as pa
+
+    raw = search(user_id="u\ud800", query=b"\xff\xfe cats")
+    _, rejection = check(schemas.SEARCH_EVENTS, raw)
+    dead = v.dead_letter_row(schemas.SEARCH_EVENTS, DAY, raw, rejection)
+    for value in dead.values():
+        value.encode("utf-8")  # every field is valid UTF-8, so the dead-letter writer can take it
+    pa.Table.from_pylist([dead], schema=schemas.DEAD_LETTER_SCHEMA)
+    replay = json.loads(dead["raw_row"])
+    assert replay["user_id"] == "u\ud800"  # JSON escapes keep the lone surrogate, losslessly
+    assert replay["query"] == {"bytes_base64": "//4gY2F0cw=="}
+    assert "caf\u00e9" in v.row_to_json(search(query="caf\u00e9"))  # valid text stays readable, not \u-escaped

@@ -6,28 +6,37 @@ Checkpoint layout (``directory`` may be local or anything etils ``epath`` unders
       config.json   {"format": "tokenminds.sid_model", "format_version": 1, "kind": "rqvae" | "rq_kmeans",
                      "version": "<kind>-<16 hex>", "config": {...}, "param_shapes": {"['model']['codebooks']": ...}}
       params/       orbax StandardCheckpointer directory with the parameter pytree
+      metrics.json  (written by pipelines.train_sid_model) training metrics
+      _MANIFEST.json  every other file's size and sha256, kind "sid_model", extra.version = config.json's version
 
-``config.json`` is written last, so a directory without it is an incomplete save. Loading rebuilds the parameter
-structure from the config, restores the arrays bit for bit and recomputes the version hash; a mismatch with the
-recorded version is an error, which is what guarantees that SIDs do not change across save/reload.
+The checkpoint is written into a staging directory beside ``<directory>`` and swapped in with its manifest
+(``tokenminds_model.manifest``), so readers never see a half-written model and a failed save keeps the old one; a
+directory holding anything but a SID model is never replaced. :func:`read_sid_model_config` (what drivers call)
+parses ``config.json`` and verifies every file against the manifest before any data is read; :func:`load_sid_model`
+also rebuilds the parameter structure from the config, restores the arrays bit for bit and recomputes the version
+hash; a mismatch with the recorded version is an error, which is what guarantees that SIDs do not change across
+save/reload. Workers reloading a model the driver verified may pass ``verify=False``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Dict, Sequence, Type, Union
+from typing import Any, Dict, Iterator, Sequence, Type, Union
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from tokenminds_model import manifest as manifest_lib
 from tokenminds_model.rqvae import CONFIG_CLASS_BY_KIND, SID_MODEL_KINDS, TrainedSIDModel, sid_model_param_shapes
 
 CONFIG_FILENAME = "config.json"
 PARAMS_DIRNAME = "params"
 CHECKPOINT_FORMAT = "tokenminds.sid_model"
 CHECKPOINT_FORMAT_VERSION = 1
+ARTIFACT_KIND = "sid_model"
 
 PathLike = Union[str, os.PathLike]
 
@@ -71,17 +80,11 @@ def read_json_document(path: epath.Path, filename: str, *, what: str, expected_f
     return document
 
 
-def save_sid_model(model: TrainedSIDModel, directory: PathLike, *, overwrite: bool = False) -> epath.Path:
-    """Write ``model`` to ``directory`` (created if needed). Refuses to replace a checkpoint unless ``overwrite``."""
+def write_sid_model_files(model: TrainedSIDModel, directory: PathLike) -> epath.Path:
+    """Write ``params/`` and then ``config.json`` into ``directory`` as they are (no staging, no manifest): for a
+    staging directory of :func:`sid_model_writer`. Use :func:`save_sid_model` to write a checkpoint."""
     path = as_path(directory)
-    config_path = path / CONFIG_FILENAME
-    if config_path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already holds a SID model checkpoint; pass overwrite=True to replace it")
     path.mkdir(parents=True, exist_ok=True)
-    if config_path.exists():
-        config_path.unlink()  # the old config must not describe the new params while they are being written
-
-    # Without config.json any params/ left here is an incomplete save, safe to replace.
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_DIRNAME, model.params, force=True)
         checkpointer.wait_until_finished()
@@ -100,12 +103,52 @@ def save_sid_model(model: TrainedSIDModel, directory: PathLike, *, overwrite: bo
     }
     temporary = path / (CONFIG_FILENAME + ".tmp")
     temporary.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    temporary.rename(config_path)
+    temporary.rename(path / CONFIG_FILENAME)
     return path
 
 
-def read_sid_model_config(directory: PathLike) -> Dict[str, Any]:
-    """Parse and validate ``<directory>/config.json``; raises with the directory named on any problem."""
+def check_sid_model_output(directory: PathLike, *, overwrite: bool = False) -> None:
+    """Before any training: ``directory`` must be absent, empty or a SID model (replaced only with ``overwrite``).
+    Raises FileExistsError naming it otherwise."""
+    path = as_path(directory)
+    manifest_lib.check_replaceable(path, ARTIFACT_KIND, legacy_markers=(CONFIG_FILENAME,))
+    if not overwrite and ((path / CONFIG_FILENAME).exists() or (path / manifest_lib.MANIFEST_FILENAME).exists()):
+        raise FileExistsError(f"{path} already holds a SID model checkpoint; pass overwrite=True (--overwrite) to "
+                              "replace it")
+
+
+@contextlib.contextmanager
+def sid_model_writer(directory: PathLike, *, overwrite: bool = False) -> Iterator[manifest_lib.StagedArtifact]:
+    """``with sid_model_writer(dir) as staged: write_sid_model_files(model, staged.path); staged.extra["version"] =
+    model.version`` (plus any other file of the artifact, e.g. metrics.json): checked before, published with its
+    manifest after the block, discarded (the old model kept) if the block raises."""
+    check_sid_model_output(directory, overwrite=overwrite)
+    with manifest_lib.artifact_writer(as_path(directory), ARTIFACT_KIND,
+                                      legacy_markers=(CONFIG_FILENAME,)) as staged:
+        yield staged
+
+
+def save_sid_model(model: TrainedSIDModel, directory: PathLike, *, overwrite: bool = False) -> epath.Path:
+    """Write ``model`` to ``directory`` (created if needed), staged and published with its manifest. Refuses to
+    replace a checkpoint unless ``overwrite``, and never replaces a directory that holds something else."""
+    with sid_model_writer(directory, overwrite=overwrite) as staged:
+        write_sid_model_files(model, staged.path)
+        staged.extra["version"] = model.version
+    return as_path(directory)
+
+
+def _parse_config(document: Dict[str, Any], path: epath.Path):
+    kind = document["kind"]
+    try:
+        return CONFIG_CLASS_BY_KIND[kind].from_dict(document["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"corrupt {CONFIG_FILENAME} in {path}: invalid {kind} config ({error})") from error
+
+
+def read_sid_model_config(directory: PathLike, *, verify: bool = True) -> Dict[str, Any]:
+    """Parse and validate ``<directory>/config.json``, then (``verify``) check every file of the checkpoint against
+    its manifest; raises with the directory named on any problem (:class:`~tokenminds_model.manifest.
+    ArtifactIntegrityError` naming the file for a damaged checkpoint)."""
     path = as_path(directory)
     document = read_json_document(path, CONFIG_FILENAME, what="SID model checkpoint",
                                   expected_format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_FORMAT_VERSION,
@@ -113,18 +156,19 @@ def read_sid_model_config(directory: PathLike) -> Dict[str, Any]:
     if document["kind"] not in SID_MODEL_KINDS:
         raise ValueError(f"corrupt {CONFIG_FILENAME} in {path}: unknown kind {document['kind']!r}, "
                          f"expected one of {SID_MODEL_KINDS}")
+    _parse_config(document, path)
+    if verify:
+        manifest_lib.verify_artifact(path, ARTIFACT_KIND, version=document["version"], descriptor=CONFIG_FILENAME)
     return document
 
 
-def load_sid_model(directory: PathLike) -> TrainedSIDModel:
-    """Restore a model written by :func:`save_sid_model`; its SIDs and version are identical to the saved one's."""
+def load_sid_model(directory: PathLike, *, verify: bool = True) -> TrainedSIDModel:
+    """Restore a model written by :func:`save_sid_model`; its SIDs and version are identical to the saved one's.
+    ``verify=False`` skips the manifest check (a worker reloading what its driver verified)."""
     path = as_path(directory)
-    document = read_sid_model_config(path)
+    document = read_sid_model_config(path, verify=verify)
     kind = document["kind"]
-    try:
-        config = CONFIG_CLASS_BY_KIND[kind].from_dict(document["config"])
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"corrupt {CONFIG_FILENAME} in {path}: invalid {kind} config ({error})") from error
+    config = _parse_config(document, path)
 
     params_path = path / PARAMS_DIRNAME
     if not params_path.exists():
@@ -138,3 +182,9 @@ def load_sid_model(directory: PathLike) -> TrainedSIDModel:
         raise ValueError(f"SID model in {path} does not match its {CONFIG_FILENAME}: recorded version "
                          f"{document['version']!r}, restored params hash to {model.version!r}")
     return model
+
+
+def check_legacy_sid_model(directory: PathLike) -> str:
+    """For ``python -m tokenminds_model.manifest adopt``: restore a manifest-less checkpoint, recompute its version
+    from the arrays, and return it if it is the recorded one (raises otherwise)."""
+    return load_sid_model(directory, verify=False).version

@@ -330,6 +330,37 @@ def _level_mask(tables: _StackedTables, level: int, context: jax.Array, state: j
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Incremental decoders (KV cache).
+# ---------------------------------------------------------------------------------------------------------------
+class IncrementalDecoder:
+    """A decoder that beam search drives one position at a time, with a per-row cache (the grouped layout).
+
+    ``start(params, enc_states, enc_mask) -> memory``: what every step reads, computed once per user (e.g. each
+    layer's cross-attention keys/values; any pytree). ``step(params, memory, cache, tokens int32[B, R], position)
+    -> (logits float32[B, R, V], cache)``: the logits for the token after each row's ``tokens`` at decoder position
+    ``position`` (a Python int: 0 = the condition token), given ``cache``, the rows' state of positions
+    ``0..position-1`` (None at 0), a pytree whose leaves have leading dimensions ``[B, R]``. Between levels beam
+    search reorders the cache's axis 1 so that each new beam row continues its parent's cache. Row r of user b is in
+    the grouped order (context-major, then beam). Subclasses must be hashable (identity is fine) and should be
+    reused: the decoder is a static argument of the jitted search.
+    """
+
+    def start(self, params: Any, enc_states: Any, enc_mask: Any) -> Any:
+        raise NotImplementedError
+
+    def step(self, params: Any, memory: Any, cache: Any, tokens: jax.Array, position: int) -> Tuple[jax.Array, Any]:
+        raise NotImplementedError
+
+
+def _reorder_cache(cache: Any, source: jax.Array) -> Any:
+    """``cache`` leaves ``[B, R_old, ...]`` -> ``[B, R_new, ...]``: row r of user b becomes old row source[b, r]."""
+    def take(leaf):
+        index = source.reshape(source.shape + (1,) * (leaf.ndim - 2))
+        return jnp.take_along_axis(leaf, index, axis=1)
+    return jax.tree_util.tree_map(take, cache)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The jitted decoder.
 # ---------------------------------------------------------------------------------------------------------------
 def _tile_batch(tree: Any, contexts: int, repeats: int) -> Any:
@@ -365,6 +396,21 @@ def _decode(params: Any, enc_states: Any, enc_mask: Any, condition_tokens: jax.A
     C = condition_tokens.shape[0]
     B = jax.tree_util.tree_leaves(enc_states)[0].shape[0]
     CB = C * B
+    incremental = isinstance(logits_fn, IncrementalDecoder)
+    memory = cache = None
+    if incremental:
+        memory = logits_fn.start(params, enc_states, enc_mask)
+
+    def step(tokens, position, repeats):
+        """Incremental: the next-token logits float32[CB * repeats, V] of rows ``tokens`` int32[CB * repeats] at
+        ``position`` (row order (context, user, repeat)), advancing ``cache``."""
+        nonlocal cache
+        logits, cache = logits_fn.step(params, memory, cache, _group_rows(tokens, C, B, repeats), position)
+        if logits.ndim != 3 or logits.shape[:2] != (B, C * repeats):
+            raise ValueError(f"an incremental decoder's step must return [B, R, V] logits for tokens "
+                             f"{(B, C * repeats)}, got {logits.shape}")
+        check_vocab(logits)
+        return _ungroup_rows(logits, C, B, repeats).astype(jnp.float32)
 
     def apply(states, mask, inputs):
         return logits_fn(params, states, mask, inputs) if with_params else logits_fn(states, mask, inputs)
@@ -403,14 +449,21 @@ def _decode(params: Any, enc_states: Any, enc_mask: Any, condition_tokens: jax.A
     condition_of_user = condition_tokens.astype(jnp.int32)[context_of_user]                # [CB]
 
     # Level 0: every beam has the empty prefix, so run the decoder once per (context, user).
-    log_probs = level_log_probs(call(condition_of_user[:, None], 1), 0)                    # [CB, K]
+    if incremental:
+        log_probs = level_log_probs(step(condition_of_user, 0, 1), 0)                      # [CB, K]
+    else:
+        log_probs = level_log_probs(call(condition_of_user[:, None], 1), 0)                # [CB, K]
     log_probs = jnp.broadcast_to(log_probs[:, None, :], (CB, N, K))
     scores = jnp.concatenate([jnp.zeros((CB, 1), jnp.float32), jnp.full((CB, N - 1), -jnp.inf, jnp.float32)], 1)
     codes = jnp.zeros((CB, N, 0), jnp.int32)
     state = jnp.zeros((CB, N), jnp.int32)
 
     for level in range(L):
-        if level > 0:
+        if level > 0 and incremental:
+            # Only each beam's newest token (the code chosen at level - 1) is fed; the cache holds the rest.
+            newest = (sid_start + K * (level - 1) + codes[:, :, -1]).reshape(CB * N)
+            log_probs = level_log_probs(step(newest, level, N), level).reshape(CB, N, K)
+        elif level > 0:
             level_offsets = sid_start + K * jnp.arange(level, dtype=jnp.int32)
             inputs = jnp.concatenate([jnp.repeat(condition_of_user, N)[:, None],
                                       (codes + level_offsets).reshape(CB * N, level)], axis=1)
@@ -422,6 +475,13 @@ def _decode(params: Any, enc_states: Any, enc_mask: Any, condition_tokens: jax.A
         scores, index = jax.lax.top_k(candidates, N)                                        # best first
         parent, code = index // K, (index % K).astype(jnp.int32)
         codes = jnp.concatenate([jnp.take_along_axis(codes, parent[:, :, None], axis=1), code[:, :, None]], axis=2)
+        if incremental and level + 1 < L:
+            # Each new beam continues its parent's cache. Grouped rows are (context, beam) per user; the cache of
+            # level 0 has one row per context (all beams share the empty prefix).
+            per_context = 1 if level == 0 else N
+            source = (jnp.arange(C, dtype=jnp.int32)[:, None, None] * per_context
+                      + (parent if level else jnp.zeros_like(parent)).reshape(C, B, N).astype(jnp.int32))
+            cache = _reorder_cache(cache, jnp.swapaxes(source, 0, 1).reshape(B, C * N))
         if tables is not None and level + 1 < L:
             state = jnp.take_along_axis(next_state.reshape(CB, N * K), index, axis=1)
 

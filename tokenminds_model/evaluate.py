@@ -39,21 +39,24 @@ Leave-one-out at item granularity
 Writes ``metrics.json``, ``report.md`` and PNG plots into ``--output``. Exit code 2 (one line on stderr) for a
 missing or corrupt checkpoint, missing or incompatible eval sets, or missing training examples.
 
-No Beam or TensorFlow-Transform imports: reads TFRecords through ``tokenminds_model.data``.
+Every path (model, eval sets, training examples, video SIDs, output) may be local or ``gs://``: files are listed,
+read and written through etils ``epath`` (what the checkpoints use) and TFRecords through ``tf.io.gfile``
+(``tokenminds_model.data``), never through ``glob``, ``os.path`` or the builtin ``open``. No Beam or
+TensorFlow-Transform imports.
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import glob
+import io
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from etils import epath
 
 from tokenminds_model import data as data_lib
 from tokenminds_model import decoding
@@ -254,11 +257,14 @@ def read_catalogue(video_sids_dir: str) -> Dict[str, Dict[str, np.ndarray]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not os.path.exists(os.path.join(video_sids_dir, "_SUCCESS")):
+    directory = epath.Path(video_sids_dir)
+    if not (directory / "_SUCCESS").exists():
         raise EvaluationError(f"video SIDs are incomplete or missing: {video_sids_dir}/_SUCCESS")
-    files = sorted(glob.glob(os.path.join(video_sids_dir, "part-*.parquet")))
-    table = pa.concat_tables([pq.read_table(f, columns=["video_id", "scenario", "sid", "disambiguation"])
-                              for f in files]).to_pydict()
+    tables = []
+    for path in sorted(directory.glob("part-*.parquet"), key=str):
+        with path.open("rb") as handle:
+            tables.append(pq.read_table(handle, columns=["video_id", "scenario", "sid", "disambiguation"]))
+    table = pa.concat_tables(tables).to_pydict()
     catalogue = {}
     for scenario in SCENARIOS:
         rows = sorted((tuple(s), d, v) for v, sc, s, d in zip(table["video_id"], table["scenario"], table["sid"],
@@ -374,7 +380,7 @@ def evaluate(model_dir: str, eval_sets_dir: str, train_example_dirs: Sequence[st
     """Evaluate and write metrics.json, report.md and plots into ``output_dir``; returns the metrics."""
     started = time.perf_counter()
     config, params, layout = load_model(model_dir)
-    if not os.path.exists(os.path.join(eval_sets_dir, "_SUCCESS")):
+    if not (epath.Path(eval_sets_dir) / "_SUCCESS").exists():
         raise EvaluationError(f"eval sets are incomplete or missing: {eval_sets_dir}/_SUCCESS")
     full_depth = config.sid_length == layout.sid_levels
     prefix_len = prefix_len or (min(DEFAULT_PREFIX_LEN, config.sid_length) if full_depth else config.sid_length)
@@ -408,8 +414,8 @@ def evaluate(model_dir: str, eval_sets_dir: str, train_example_dirs: Sequence[st
         "training_target_rows": int(len(train_targets)), "protocols": {}}
     all_cosines: Dict[str, Dict[str, np.ndarray]] = {}
     for protocol in protocols:
-        directory = os.path.join(eval_sets_dir, protocol)
-        if not os.path.exists(os.path.join(directory, "_SUCCESS")):
+        directory = _join(eval_sets_dir, protocol)
+        if not (epath.Path(directory) / "_SUCCESS").exists():
             raise EvaluationError(f"eval set {protocol} is incomplete or missing: {directory}/_SUCCESS")
         names = EVAL_NAMES + (["soft_features", "perturbed_soft_features"] if config.soft else [])
         records = read_records(directory, names)
@@ -438,16 +444,20 @@ def evaluate(model_dir: str, eval_sets_dir: str, train_example_dirs: Sequence[st
 # ---------------------------------------------------------------------------------------------------------------
 # Report.
 # ---------------------------------------------------------------------------------------------------------------
+def _join(directory: str, name: str) -> str:
+    """``directory/name`` for a local path or a URI (gs://...), as a string for ``tokenminds_model.data``."""
+    return f"{str(directory).rstrip('/')}/{name}"
+
+
 def _fmt(value: Optional[float]) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
 def write_report(metrics: Mapping[str, Any], cosines: Mapping[str, Mapping[str, np.ndarray]],
                  output_dir: str) -> None:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "metrics.json"), "w") as handle:
-        json.dump(metrics, handle, indent=2, sort_keys=True, default=float)
-        handle.write("\n")
+    output = epath.Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
     plots = write_plots(metrics, cosines, output_dir)
     L = metrics["prefix_len"]
     lines = [f"# Evaluation of {metrics['model']['checkpoint']}", "",
@@ -497,8 +507,13 @@ def write_report(metrics: Mapping[str, Any], cosines: Mapping[str, Mapping[str, 
                 lines.append(f"| {protocol} | {scenario} | {cell['cases']} | {_fmt(cell['recall@5'])} | "
                              f"{_fmt(cell['recall@10'])} | {_fmt(cell['ndcg@5'])} | {_fmt(cell['ndcg@10'])} |")
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
-    with open(os.path.join(output_dir, "report.md"), "w") as handle:
-        handle.write("\n".join(lines))
+    (output / "report.md").write_text("\n".join(lines))
+
+
+def _save_figure(fig, output_dir: str, name: str) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    (epath.Path(output_dir) / name).write_bytes(buffer.getvalue())
 
 
 def write_plots(metrics: Mapping[str, Any], cosines: Mapping[str, Mapping[str, np.ndarray]],
@@ -522,7 +537,7 @@ def write_plots(metrics: Mapping[str, Any], cosines: Mapping[str, Mapping[str, n
             ax.set_ylabel("Recall@10")
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(output_dir, "recall_at_10.png"), dpi=100)
+        _save_figure(fig, output_dir, "recall_at_10.png")
         plt.close(fig)
         written.append("recall_at_10.png")
     if cosines:
@@ -537,7 +552,7 @@ def write_plots(metrics: Mapping[str, Any], cosines: Mapping[str, Mapping[str, n
             ax.set_xlabel("cosine")
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(output_dir, "stability_cosines.png"), dpi=100)
+        _save_figure(fig, output_dir, "stability_cosines.png")
         plt.close(fig)
         written.append("stability_cosines.png")
     return written
@@ -584,7 +599,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cells = ", ".join(f"{s} " + "/".join(_fmt(c["recall@10"][m]) for m in METHODS)
                           for s, c in result.get("scenarios", {}).items())
         print(f"{protocol}: {result['cases']} cases; Recall@10 model/most_popular/user_recent: {cells}")
-    print(f"wrote {os.path.join(args.output, 'metrics.json')} and report.md in {metrics['seconds']} s")
+    print(f"wrote {_join(args.output, 'metrics.json')} and report.md in {metrics['seconds']} s")
     return 0
 
 

@@ -5,9 +5,18 @@ through a Beam ``ModelHandler``), evaluation and the benchmarks, so they cannot 
 decoding settings.
 
 Per call: ONE encoder pass per user, the pooled user embedding from those encoder states, then multi-context beam
-search (``decoding.multi_context_decode``, grouped: ``ModelFunctions.decode_grouped`` projects each user's memory once
-per level for all of its beams) for every condition token the model serves, all reading the same encoder states. Inputs are padded to a fixed batch size (and cropped to ``config.max_tokens`` whole events by
-``model.fit_history``), so every call has the same shapes and the jitted function compiles once per process.
+search (``decoding.multi_context_decode``) for every condition token the model serves, all reading the same encoder
+states, with the model's incremental decoder (``ModelFunctions.incremental_decoder``): each user's memory and every
+decoder layer's cross-attention keys/values are computed once, the decoder self-attention keys/values are cached
+across SID levels (reordered with the beams), and logits are projected only for each beam's newest position. Inputs
+are padded to a fixed batch size (and cropped to ``config.max_tokens`` whole events by ``model.fit_history``), so
+every call has the same shapes and the jitted function compiles once per process.
+
+Accelerators: ``compute_dtype="auto"`` runs a bfloat16 model in float32 on CPU workers (bfloat16 matmuls are slow
+there) and as trained on GPU/TPU; ``batch_size="auto"`` is :func:`auto_batch_size` for the device the process sees
+(32 users on CPU; on an accelerator as many as a share of its memory holds, a power of two in [8, 1024]).
+:func:`resolve_users_per_batch` decides it on a Beam driver for the workers (``pipelines.refresh_users``), from the
+Dataflow ``worker_accelerator`` service option when the workers have GPUs.
 
 Pure JAX/NumPy: no Beam or TensorFlow imports.
 """
@@ -15,16 +24,99 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+import re
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
 
 from tokenminds_model import decoding
-from tokenminds_model.model import ModelConfig, Params, fit_history, model_functions
+from tokenminds_model.model import DTYPES, ModelConfig, Params, default_compute_dtype, fit_history, model_functions
 from tokenminds_model.vocabulary import PAD_ID, VocabularyLayout, condition_token
 
 DEFAULT_BATCH_SIZE = 32
+CPU_BATCH_SIZE = 32
+# Share of an accelerator's memory that one inference batch may use (the rest: parameters, XLA's workspace, and
+# other processes on a shared GPU).
+ACCELERATOR_MEMORY_SHARE = 0.3
+# GPU memory (GiB) of the Dataflow accelerator types, for deciding batch sizes on the driver.
+DATAFLOW_GPU_MEMORY_GIB = {"nvidia-tesla-t4": 16, "nvidia-tesla-p4": 8, "nvidia-tesla-p100": 16,
+                           "nvidia-tesla-v100": 16, "nvidia-l4": 24, "nvidia-tesla-a100": 40,
+                           "nvidia-a100-80gb": 80, "nvidia-h100-80gb": 80, "nvidia-h100-mega-80gb": 80}
+DEFAULT_GPU_MEMORY_GIB = 16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch sizes per device.
+# ---------------------------------------------------------------------------------------------------------------
+def bytes_per_user(config: ModelConfig, settings: "DecodeSettings" = None) -> int:
+    """A generous estimate of one user's peak inference memory: the encoder's attention logits (float32, one layer
+    at a time), its widest activations, and the decoder's per-user cross-attention keys/values and beam rows."""
+    settings = settings or DecodeSettings()
+    item = 2 if config.dtype == "bfloat16" else 4
+    tokens, d = config.max_tokens, config.d_model
+    attention = 4 * config.num_heads * tokens * tokens
+    activations = 8 * tokens * max(config.mlp_dim, 3 * d) * item
+    cross = 2 * config.decoder_layers * (tokens + 1) * d * item
+    rows = len(settings.scenarios) * settings.beam_size
+    beams = rows * (config.vocab_size * 4 + 4 * config.decoder_layers * config.sid_length * d * item)
+    return int(attention + activations + cross + beams)
+
+
+def auto_batch_size(config: ModelConfig, platform: str, memory_bytes: Optional[int] = None,
+                    settings: "DecodeSettings" = None) -> int:
+    """Users per inference call for ``platform``: 32 on CPU (larger batches add latency, not throughput); on an
+    accelerator the largest power of two in [8, 1024] whose :func:`bytes_per_user` fit in
+    ``ACCELERATOR_MEMORY_SHARE`` of ``memory_bytes`` (16 GiB when unknown)."""
+    if platform == "cpu":
+        return CPU_BATCH_SIZE
+    memory = memory_bytes or DEFAULT_GPU_MEMORY_GIB * 2 ** 30
+    fit = int(ACCELERATOR_MEMORY_SHARE * memory) // max(1, bytes_per_user(config, settings))
+    size = 8
+    while size * 2 <= min(fit, 1024):
+        size *= 2
+    return size
+
+
+def device_memory_bytes(device: Any) -> Optional[int]:
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - CPU devices and some backends have none
+        return None
+    return stats.get("bytes_limit")
+
+
+def dataflow_accelerator(options: Iterable[str]) -> Optional[Tuple[str, int]]:
+    """``(type, count)`` of a ``worker_accelerator=type:...;count:N;...`` Dataflow service option (or experiment),
+    None without one."""
+    for option in options or ():
+        match = re.match(r"\s*worker_accelerator\s*=(.*)", str(option))
+        if not match:
+            continue
+        fields = dict(part.split(":", 1) if ":" in part else (part, "") for part in match.group(1).split(";"))
+        kind = fields.get("type", "").strip()
+        if not kind:
+            raise ValueError(f"worker_accelerator option {option!r} names no type (type:nvidia-tesla-t4;count:1;...)")
+        return kind, int(fields.get("count", "1") or 1)
+    return None
+
+
+def resolve_users_per_batch(value: Union[int, str], config: ModelConfig, *, service_options: Iterable[str] = (),
+                            remote_workers: bool = False, settings: "DecodeSettings" = None) -> int:
+    """The batch size a Beam job's workers should use: ``value`` itself unless it is ``"auto"``. Then, for
+    ``remote_workers`` (Dataflow), from the ``worker_accelerator`` option (GPU memory by type, the model run in its
+    trained dtype) or 32 for CPU workers; for a local runner, from this process's first device."""
+    if value != "auto":
+        return int(value)
+    accelerator = dataflow_accelerator(service_options)
+    if accelerator is not None:
+        memory = DATAFLOW_GPU_MEMORY_GIB.get(accelerator[0], DEFAULT_GPU_MEMORY_GIB) * 2 ** 30
+        return auto_batch_size(config, "gpu", memory, settings)
+    if remote_workers:
+        return auto_batch_size(config.replace(dtype="float32"), "cpu", settings=settings)
+    device = jax.devices()[0]
+    return auto_batch_size(config.replace(dtype=default_compute_dtype(config.dtype, device.platform)),
+                           device.platform, device_memory_bytes(device), settings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +151,20 @@ class UserInference:
     """A loaded model ready for fixed-shape batch inference. Build once per process (per worker) and reuse."""
 
     def __init__(self, config: ModelConfig, params: Params, layout: VocabularyLayout, *,
-                 settings: DecodeSettings = DecodeSettings(), batch_size: int = DEFAULT_BATCH_SIZE,
-                 constraints: Optional[Mapping[str, decoding.PrefixConstraint]] = None) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+                 settings: DecodeSettings = DecodeSettings(), batch_size: Union[int, str] = DEFAULT_BATCH_SIZE,
+                 constraints: Optional[Mapping[str, decoding.PrefixConstraint]] = None,
+                 compute_dtype: str = "auto") -> None:
+        device = jax.devices()[0]
+        if compute_dtype == "auto":
+            compute_dtype = default_compute_dtype(config.dtype, device.platform)
+        if compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be 'auto' or one of {tuple(DTYPES)}, got {compute_dtype!r}")
+        # The compute dtype is not architecture: the float32 parameters serve either.
+        config = config.replace(dtype=compute_dtype)
+        if batch_size == "auto":
+            batch_size = auto_batch_size(config, device.platform, device_memory_bytes(device), settings)
+        if isinstance(batch_size, str) or batch_size < 1:
+            raise ValueError(f"batch_size must be 'auto' or >= 1, got {batch_size!r}")
         self.config, self.layout, self.settings, self.batch_size = config, layout, settings, int(batch_size)
         self.prefix_len = settings.prefix_len or config.sid_length
         if not 1 <= self.prefix_len <= config.sid_length:
@@ -80,12 +182,12 @@ class UserInference:
         def run(params, tokens, soft):
             enc_states, enc_mask = fns.encode(params, tokens, soft)
             embeddings = fns.user_embedding(params, enc_states, enc_mask)
-            # Grouped decoding: each user's memory (and its cross-attention keys/values) is projected once per
-            # level for all of its C * beam_size rows, not once per row.
+            # Incremental decoding: each user's memory and its cross-attention keys/values once for all levels and
+            # all of its C * beam_size rows; per level, one new token per row (the rest is in the KV cache).
             decoded = decoding.multi_context_decode(
-                fns.decode_grouped, enc_states, enc_mask, self.condition_tokens, layout=self.layout,
+                fns.incremental_decoder, enc_states, enc_mask, self.condition_tokens, layout=self.layout,
                 prefix_len=self.prefix_len, beam_size=settings.beam_size, top_n=settings.top_n,
-                constraints=self.constraints or None, params=params, grouped=True)
+                constraints=self.constraints or None, params=params)
             return embeddings, decoded
 
         return jax.jit(run)
@@ -163,4 +265,5 @@ def stack_histories(histories: Sequence[Mapping[str, np.ndarray]], max_tokens: i
     return tokens, lengths, soft
 
 
-__all__ = ["DecodeSettings", "UserInference", "UserOutputs", "stack_histories"]
+__all__ = ["DecodeSettings", "UserInference", "UserOutputs", "auto_batch_size", "bytes_per_user",
+           "dataflow_accelerator", "resolve_users_per_batch", "stack_histories"]

@@ -54,6 +54,8 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from tokenminds_model import attention as attention_lib
+from tokenminds_model import decoding as decoding_lib
 from tokenminds_model.vocabulary import LFV_ID, PAD_ID, SEARCH_ID, SFV_ID, SOFT_ID, VocabularyLayout
 
 Params = Dict[str, Any]
@@ -68,11 +70,19 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "tiny": dict(d_model=64, num_heads=4, encoder_layers=2, decoder_layers=2, mlp_dim=256, dropout=0.0,
                  embedding_dim=64, pooling="mean", dtype="float32", max_tokens=256),
     "base": dict(d_model=256, num_heads=8, encoder_layers=4, decoder_layers=4, mlp_dim=1024, dropout=0.1,
-                 embedding_dim=256, pooling="mean_last", dtype="float32", max_tokens=None),
+                 embedding_dim=256, pooling="mean_last", dtype="bfloat16", max_tokens=None),
     "large": dict(d_model=1024, num_heads=16, encoder_layers=12, decoder_layers=6, mlp_dim=4096, dropout=0.1,
                   embedding_dim=1152, pooling="mean_last", dtype="bfloat16", max_tokens=None),
 }
 PRESETS["paper"] = PRESETS["large"]
+
+
+def default_compute_dtype(preferred: str, platform: Optional[str] = None) -> str:
+    """The compute dtype to use for a config that prefers ``preferred``: float32 on CPU (bfloat16 matmuls are
+    emulated there and several times slower), ``preferred`` on accelerators (GPU, TPU), where bfloat16 is the fast
+    path. Mixed precision keeps parameters, optimizer state, logits, softmaxes and the loss in float32 either way."""
+    platform = platform or jax.default_backend()
+    return "float32" if platform == "cpu" else preferred
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,6 +279,18 @@ _EMBED_INIT = nn.initializers.normal(stddev=1.0)
 _POSITION_INIT = nn.initializers.normal(stddev=0.02)
 
 
+class Dropout(nn.Module):
+    """Inverted dropout with 8-bit keep masks (``tokenminds_model.attention.dropout``); a no-op when deterministic."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate <= 0.0:
+            return x
+        return attention_lib.dropout(self.make_rng("dropout"), x, self.rate)
+
+
 class MlpBlock(nn.Module):
     config: ModelConfig
 
@@ -277,44 +299,117 @@ class MlpBlock(nn.Module):
         config = self.config
         x = nn.Dense(config.mlp_dim, dtype=config.compute_dtype, name="wi")(x)
         x = nn.gelu(x)
-        x = nn.Dropout(config.dropout)(x, deterministic=deterministic)
+        x = Dropout(config.dropout)(x, deterministic=deterministic)
         x = nn.Dense(config.d_model, dtype=config.compute_dtype, name="wo")(x)
-        return nn.Dropout(config.dropout)(x, deterministic=deterministic)
+        return Dropout(config.dropout)(x, deterministic=deterministic)
 
 
-def _attention(config: ModelConfig, name: str) -> nn.MultiHeadDotProductAttention:
-    return nn.MultiHeadDotProductAttention(num_heads=config.num_heads, dtype=config.compute_dtype,
-                                           dropout_rate=config.dropout, broadcast_dropout=False, name=name)
+class Attention(nn.Module):
+    """Multi-head attention with the parameters of flax's ``MultiHeadDotProductAttention`` (``query``, ``key``,
+    ``value``: ``[d, heads, head_dim]``; ``out``: ``[heads, head_dim, d]``, so checkpoints written before carry over
+    unchanged), computed by :func:`tokenminds_model.attention.attention`: ``jax.nn.dot_product_attention`` on
+    accelerators, a flash-style chunked kernel on CPU; float32 logits and softmax under bfloat16 compute. Dropout on
+    the attention weights (rate ``config.dropout``) as before."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        config = self.config
+        dense = functools.partial(nn.DenseGeneral, features=(config.num_heads, config.d_model // config.num_heads),
+                                  dtype=config.compute_dtype)
+        self.query = dense()
+        self.key = dense()
+        self.value = dense()
+        self.out = nn.DenseGeneral(config.d_model, axis=(-2, -1), dtype=config.compute_dtype)
+
+    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, *, key_mask: Optional[jax.Array] = None,
+                 mask: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+        keys, values = self.keys_values(inputs_kv)
+        return self.attend(self.queries(inputs_q), keys, values, key_mask=key_mask, mask=mask,
+                           deterministic=deterministic)
+
+    def queries(self, x: jax.Array) -> jax.Array:
+        return self.query(x)
+
+    def keys_values(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        return self.key(x), self.value(x)
+
+    def output(self, attended: jax.Array) -> jax.Array:
+        return self.out(attended)
+
+    def attend(self, queries: jax.Array, keys: jax.Array, values: jax.Array, *, key_mask: Optional[jax.Array] = None,
+               mask: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+        rate = 0.0 if deterministic else self.config.dropout
+        attended = attention_lib.attention(queries, keys, values, key_mask=key_mask, mask=mask, dropout_rate=rate,
+                                           dropout_rng=self.make_rng("dropout") if rate > 0.0 else None)
+        return self.output(attended)
 
 
 class EncoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
         dtype = self.config.compute_dtype
         y = nn.LayerNorm(dtype=dtype, name="attention_norm")(x)
-        y = _attention(self.config, "self_attention")(y, y, mask=mask, deterministic=deterministic)
-        x = x + nn.Dropout(self.config.dropout)(y, deterministic=deterministic)
+        y = Attention(self.config, name="self_attention")(y, y, key_mask=key_mask, deterministic=deterministic)
+        x = x + Dropout(self.config.dropout)(y, deterministic=deterministic)
         y = nn.LayerNorm(dtype=dtype, name="mlp_norm")(x)
         return x + MlpBlock(self.config, name="mlp")(y, deterministic)
 
 
 class DecoderLayer(nn.Module):
+    """Pre-LN decoder layer. ``__call__`` runs a whole (folded) decoder input; ``step`` one new token per row with
+    the self-attention keys/values of the row's earlier positions cached (``TokenMindsModel.decode_step``)."""
+
     config: ModelConfig
 
-    @nn.compact
-    def __call__(self, x: jax.Array, memory: jax.Array, self_mask: jax.Array, cross_mask: jax.Array,
+    def setup(self) -> None:
+        config = self.config
+        dtype = config.compute_dtype
+        self.self_attention_norm = nn.LayerNorm(dtype=dtype)
+        self.self_attention = Attention(config)
+        self.cross_attention_norm = nn.LayerNorm(dtype=dtype)
+        self.cross_attention = Attention(config)
+        self.mlp_norm = nn.LayerNorm(dtype=dtype)
+        self.mlp = MlpBlock(config)
+        self.residual_dropout = Dropout(config.dropout)
+
+    def __call__(self, x: jax.Array, memory: jax.Array, self_mask: jax.Array, memory_mask: jax.Array,
                  deterministic: bool) -> jax.Array:
-        dtype = self.config.compute_dtype
-        y = nn.LayerNorm(dtype=dtype, name="self_attention_norm")(x)
-        y = _attention(self.config, "self_attention")(y, y, mask=self_mask, deterministic=deterministic)
-        x = x + nn.Dropout(self.config.dropout)(y, deterministic=deterministic)
-        y = nn.LayerNorm(dtype=dtype, name="cross_attention_norm")(x)
-        y = _attention(self.config, "cross_attention")(y, memory, mask=cross_mask, deterministic=deterministic)
-        x = x + nn.Dropout(self.config.dropout)(y, deterministic=deterministic)
-        y = nn.LayerNorm(dtype=dtype, name="mlp_norm")(x)
-        return x + MlpBlock(self.config, name="mlp")(y, deterministic)
+        y = self.self_attention_norm(x)
+        y = self.self_attention(y, y, mask=self_mask, deterministic=deterministic)
+        x = x + self.residual_dropout(y, deterministic)
+        y = self.cross_attention_norm(x)
+        y = self.cross_attention(y, memory, key_mask=memory_mask, deterministic=deterministic)
+        x = x + self.residual_dropout(y, deterministic)
+        return x + self.mlp(self.mlp_norm(x), deterministic)
+
+    def cross_keys_values(self, memory: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        """The cross-attention keys and values of ``memory [B, M, d]``: ``2 x [B, M, heads, head_dim]``."""
+        return self.cross_attention.keys_values(memory)
+
+    def step(self, x: jax.Array, cache: Optional[Tuple[jax.Array, jax.Array]], cross: Tuple[jax.Array, jax.Array],
+             memory_mask: jax.Array) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
+        """``x [B, R, d]``: each row's newest token. ``cache``: the row's earlier self-attention keys and values
+        ``[B, R, p, heads, head_dim]`` (None at position 0). Returns the new token's output and the cache with it."""
+        y = self.self_attention_norm(x)
+        query = self.self_attention.queries(y)                                   # [B, R, H, D]
+        key, value = self.self_attention.keys_values(y)
+        if cache is None:
+            keys, values = key[:, :, None], value[:, :, None]
+        else:
+            keys = jnp.concatenate([cache[0], key[:, :, None].astype(cache[0].dtype)], axis=2)
+            values = jnp.concatenate([cache[1], value[:, :, None].astype(cache[1].dtype)], axis=2)
+        # Causal self-attention of the new token over the row's positions 0..p (all earlier: nothing masked).
+        logits = jnp.einsum("brhd,brthd->brht", query, keys, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits / np.sqrt(query.shape[-1]), axis=-1)
+        attended = jnp.einsum("brht,brthd->brhd", weights.astype(values.dtype), values).astype(query.dtype)
+        x = x + self.self_attention.output(attended)
+        y = self.cross_attention_norm(x)
+        attended = attention_lib.attention(self.cross_attention.queries(y), cross[0], cross[1], key_mask=memory_mask)
+        x = x + self.cross_attention.output(attended)
+        return x + self.mlp(self.mlp_norm(x), True), (keys, values)
 
 
 class Encoder(nn.Module):
@@ -338,32 +433,61 @@ class Encoder(nn.Module):
             x = jnp.where((tokens == SOFT_ID)[..., None], projected.astype(x.dtype), x)
         positions = self.param("position_embedding", _POSITION_INIT, (config.max_tokens, config.d_model))
         x = (x + positions[None, :length]).astype(dtype)
-        x = nn.Dropout(config.dropout)(x, deterministic=deterministic)
+        x = Dropout(config.dropout)(x, deterministic=deterministic)
         enc_mask = tokens != PAD_ID
-        attention_mask = nn.make_attention_mask(enc_mask, enc_mask)
+        # Keys are masked at padding; padded query positions compute something harmless that nothing reads.
         for index in range(config.encoder_layers):
-            x = EncoderLayer(config, name=f"layer_{index}")(x, attention_mask, deterministic)
+            x = EncoderLayer(config, name=f"layer_{index}")(x, enc_mask, deterministic)
         return nn.LayerNorm(dtype=dtype, name="final_norm")(x), enc_mask
 
 
 class Decoder(nn.Module):
+    """The decoder stack. ``__call__``: teacher forcing / full recompute over ``inputs [N, t]``; ``start`` and
+    ``step``: incremental decoding with the memory's cross-attention keys/values computed once and the
+    self-attention keys/values cached per row (see ``TokenMindsModel.decode_step``)."""
+
     config: ModelConfig
 
-    @nn.compact
+    def setup(self) -> None:
+        config = self.config
+        self.token_embedding = nn.Embed(config.vocab_size, config.d_model, embedding_init=_EMBED_INIT)
+        self.position_embedding = self.param("position_embedding", _POSITION_INIT,
+                                             (config.sid_length, config.d_model))
+        for index in range(config.decoder_layers):
+            setattr(self, f"layer_{index}", DecoderLayer(config))
+        self.final_norm = nn.LayerNorm(dtype=config.compute_dtype)
+        # Logits are projected in float32 (also under bfloat16 compute): the loss and the decoding scores read them.
+        self.logits = nn.Dense(config.vocab_size, dtype=jnp.float32)
+        self.input_dropout = Dropout(config.dropout)
+
+    def _layers(self):
+        return [getattr(self, f"layer_{index}") for index in range(self.config.decoder_layers)]
+
+    def _embed(self, inputs: jax.Array, positions: jax.Array) -> jax.Array:
+        y = self.token_embedding(inputs)
+        return (y + self.position_embedding[positions]).astype(self.config.compute_dtype)
+
     def __call__(self, memory: jax.Array, memory_mask: jax.Array, inputs: jax.Array, positions: jax.Array,
                  self_mask: jax.Array, deterministic: bool) -> jax.Array:
-        config = self.config
-        dtype = config.compute_dtype
-        y = nn.Embed(config.vocab_size, config.d_model, embedding_init=_EMBED_INIT, name="token_embedding")(inputs)
-        position_table = self.param("position_embedding", _POSITION_INIT, (config.sid_length, config.d_model))
-        y = (y + position_table[positions]).astype(dtype)
-        y = nn.Dropout(config.dropout)(y, deterministic=deterministic)
-        cross_mask = nn.make_attention_mask(jnp.ones(inputs.shape, bool), memory_mask)
-        for index in range(config.decoder_layers):
-            y = DecoderLayer(config, name=f"layer_{index}")(y, memory, self_mask, cross_mask, deterministic)
-        y = nn.LayerNorm(dtype=dtype, name="final_norm")(y)
-        logits = nn.Dense(config.vocab_size, dtype=dtype, name="logits")(y)
-        return logits.astype(jnp.float32)
+        y = self.input_dropout(self._embed(inputs, positions), deterministic)
+        for layer in self._layers():
+            y = layer(y, memory, self_mask, memory_mask, deterministic)
+        return self.logits(self.final_norm(y))
+
+    def start(self, memory: jax.Array) -> Tuple[Tuple[jax.Array, jax.Array], ...]:
+        """Every layer's cross-attention keys/values of ``memory [B, M, d]``, computed once per user."""
+        return tuple(layer.cross_keys_values(memory) for layer in self._layers())
+
+    def step(self, tokens: jax.Array, position: int, cache: Optional[Tuple[Any, ...]],
+             cross: Tuple[Tuple[jax.Array, jax.Array], ...], memory_mask: jax.Array
+             ) -> Tuple[jax.Array, Tuple[Any, ...]]:
+        """``tokens int[B, R]`` at decoder position ``position`` (static) -> ``(logits float32[B, R, V], cache)``."""
+        y = self._embed(tokens, jnp.full(tokens.shape, position, jnp.int32))
+        new_cache = []
+        for index, layer in enumerate(self._layers()):
+            y, layer_cache = layer.step(y, None if cache is None else cache[index], cross[index], memory_mask)
+            new_cache.append(layer_cache)
+        return self.logits(self.final_norm(y)), tuple(new_cache)
 
 
 class TokenMindsModel(nn.Module):
@@ -416,7 +540,7 @@ class TokenMindsModel(nn.Module):
             raise ValueError(f"decoder inputs have {length} tokens; the model decodes at most "
                              f"{self.config.sid_length} (condition token + L-1 SID tokens)")
         memory, memory_mask = self.memory(enc_states, enc_mask)
-        self_mask = nn.make_causal_mask(decoder_inputs)
+        self_mask = nn.make_causal_mask(decoder_inputs, dtype=bool)
         return self.decoder(memory, memory_mask, decoder_inputs, jnp.arange(length), self_mask, deterministic)
 
     def decode_grouped(self, enc_states: jax.Array, enc_mask: jax.Array, decoder_inputs: jax.Array,
@@ -441,6 +565,23 @@ class TokenMindsModel(nn.Module):
         self_mask = ((block[:, None] == block[None, :]) & (positions[:, None] >= positions[None, :]))[None, None]
         logits = self.decoder(memory, memory_mask, inputs, positions, self_mask, deterministic)
         return logits.reshape(batch, rows, length, -1)
+
+    def decode_start(self, enc_states: jax.Array, enc_mask: jax.Array) -> Dict[str, Any]:
+        """What incremental decoding reads for every step, computed once per user: the memory mask and every
+        decoder layer's cross-attention keys/values of the memory (``[B, 1 + T, heads, head_dim]`` each)."""
+        memory, memory_mask = self.memory(enc_states, enc_mask)
+        return {"cross": self.decoder.start(memory), "mask": memory_mask}
+
+    def decode_step(self, start: Mapping[str, Any], cache: Optional[Any], tokens: jax.Array,
+                    position: int) -> Tuple[jax.Array, Any]:
+        """One incremental decoder step for R rows per user: ``tokens int[B, R]`` are the rows' tokens at decoder
+        position ``position`` (static; 0 = the condition token), ``cache`` the rows' self-attention keys/values of
+        positions ``0..position-1`` (None at 0; reorder its axis 1 to follow beams). Returns ``(logits float32[B, R,
+        V] for the next token, cache through position)``: the same logits as the last position of
+        ``decode_grouped`` on the rows' whole inputs, computed for that position only."""
+        if not 0 <= position < self.config.sid_length:
+            raise ValueError(f"decoder position {position} out of range [0, {self.config.sid_length})")
+        return self.decoder.step(tokens, position, cache, start["cross"], start["mask"])
 
     def __call__(self, tokens: jax.Array, targets: jax.Array, soft_features: Optional[jax.Array] = None,
                  deterministic: bool = True) -> jax.Array:
@@ -542,6 +683,23 @@ class ModelFunctions:
         return self.module.apply({"params": params}, enc_states, enc_mask, decoder_inputs,
                                  method=TokenMindsModel.decode_grouped)
 
+    def decode_start(self, params: Params, enc_states: jax.Array, enc_mask: jax.Array) -> Dict[str, Any]:
+        return self.module.apply({"params": params}, enc_states, enc_mask, method=TokenMindsModel.decode_start)
+
+    def decode_step(self, params: Params, start: Mapping[str, Any], cache: Optional[Any], tokens: jax.Array,
+                    position: int) -> Tuple[jax.Array, Any]:
+        return self.module.apply({"params": params}, start, cache, tokens, position,
+                                 method=TokenMindsModel.decode_step)
+
+    @functools.cached_property
+    def incremental_decoder(self) -> "IncrementalModelDecoder":
+        """This model as a ``decoding.IncrementalDecoder`` (one object per config): beam search computes each
+        user's memory and its cross-attention keys/values once, caches every row's decoder self-attention
+        keys/values across levels and projects logits only for each row's newest position. Pass it as the
+        ``logits_fn`` of ``decoding.beam_search`` / ``multi_context_decode`` with ``params=``; it decodes the same
+        codes and scores (to float rounding) as ``decode_grouped``."""
+        return IncrementalModelDecoder(self)
+
     def embed_users(self, params: Params, tokens: jax.Array, soft_features: Optional[jax.Array] = None) -> jax.Array:
         """Dense user embeddings ``float32[B, embedding_dim]`` straight from tokens."""
         return self.user_embedding(params, *self.encode(params, tokens, soft_features))
@@ -565,6 +723,21 @@ class ModelFunctions:
         logits = self.logits(params, inputs["tokens"], inputs["targets"], inputs.get("soft_features"),
                              dropout_rng=dropout_rng)
         return target_loss(logits, inputs["targets"], inputs["num_targets"])
+
+
+class IncrementalModelDecoder(decoding_lib.IncrementalDecoder):
+    """``ModelFunctions.incremental_decoder``: the model's ``decode_start`` / ``decode_step`` under the
+    ``decoding.IncrementalDecoder`` contract."""
+
+    def __init__(self, fns: ModelFunctions) -> None:
+        self.fns = fns
+
+    def start(self, params: Params, enc_states: jax.Array, enc_mask: jax.Array) -> Dict[str, Any]:
+        return self.fns.decode_start(params, enc_states, enc_mask)
+
+    def step(self, params: Params, memory: Mapping[str, Any], cache: Optional[Any], tokens: jax.Array,
+             position: int) -> Tuple[jax.Array, Any]:
+        return self.fns.decode_step(params, memory, cache, tokens, position)
 
 
 @functools.lru_cache(maxsize=None)

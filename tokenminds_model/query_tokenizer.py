@@ -15,8 +15,11 @@ Piece ids: the model has no bos/eos/pad pieces, so its ids are dense, ``0 .. voc
 ``<unk>``; ``VocabularyLayout.query_piece_token`` maps them into the shared token space with
 ``query_vocab_size=tokenizer.vocab_size`` and ``query_tokenizer_version=tokenizer.version``.
 
-On disk (a local directory or any Beam FileSystems path such as gs://): ``query_tokenizer.model`` holds the
-SentencePiece serialized ModelProto bytes exactly as trained, ``query_tokenizer.json`` the metadata.
+On disk (a local directory or anything etils ``epath`` reads, such as gs://): ``query_tokenizer.model`` holds the
+SentencePiece serialized ModelProto bytes exactly as trained, ``query_tokenizer.json`` the metadata,
+``_MANIFEST.json`` both files' sizes and sha256 (``tokenminds_model.manifest``). ``save`` writes into a staging
+directory and swaps it in, never replacing a directory that holds something else; ``load`` verifies the files against
+the manifest before anything else (``verify=False``: a worker reloading what its driver verified).
 """
 from __future__ import annotations
 
@@ -28,9 +31,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import sentencepiece as spm
 
+from tokenminds_model import manifest as manifest_lib
+
 MODEL_FILENAME = "query_tokenizer.model"
 METADATA_FILENAME = "query_tokenizer.json"
 METADATA_FORMAT = "tokenminds.query_tokenizer/1"
+ARTIFACT_KIND = "query_tokenizer"
 
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
 # SentencePiece's built-in rule: NFKC plus Unicode case folding, so "Ｃａｔ" and "CAT" both become "cat".
@@ -144,30 +150,42 @@ class QueryTokenizer:
             "model_file": MODEL_FILENAME,
         }
 
-    def save(self, directory: str) -> None:
-        """Write ``query_tokenizer.model`` and ``query_tokenizer.json`` under ``directory`` (local or gs://...)."""
-        from apache_beam.io.filesystems import FileSystems  # lazy: tokenizing needs no Beam
-        metadata = (json.dumps(self.metadata(), indent=2) + "\n").encode("utf-8")
+    def write_files(self, directory: str) -> None:
+        """Write ``query_tokenizer.model`` and ``query_tokenizer.json`` into ``directory`` as they are (no staging,
+        no manifest): for a staging directory (see ``pipelines.train_query_tokenizer``). Use ``save`` otherwise."""
+        path = manifest_lib.as_epath(directory)
+        path.mkdir(parents=True, exist_ok=True)
         # The model first: a reader that finds the metadata can rely on the model being complete.
-        with FileSystems.create(FileSystems.join(directory, MODEL_FILENAME)) as f:
-            f.write(self.serialized_model)
-        with FileSystems.create(FileSystems.join(directory, METADATA_FILENAME)) as f:
-            f.write(metadata)
+        (path / MODEL_FILENAME).write_bytes(self.serialized_model)
+        (path / METADATA_FILENAME).write_text(json.dumps(self.metadata(), indent=2) + "\n")
+
+    def save(self, directory: str) -> None:
+        """Write the tokenizer to ``directory`` (local or gs://...): staged, then published with its manifest.
+        Replaces an earlier query tokenizer there; refuses (FileExistsError) a directory holding anything else."""
+        with manifest_lib.artifact_writer(directory, ARTIFACT_KIND, legacy_markers=(METADATA_FILENAME,)) as staged:
+            self.write_files(staged.path)
+            staged.extra["version"] = self.version
 
     @classmethod
-    def load(cls, directory: str) -> "QueryTokenizer":
-        """Read a tokenizer written by ``save``; the model bytes must match the recorded version and size."""
-        from apache_beam.io.filesystems import FileSystems  # lazy: tokenizing needs no Beam
-        with FileSystems.open(FileSystems.join(directory, METADATA_FILENAME)) as f:
-            try:
-                metadata = json.loads(f.read().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise ValueError(f"{directory}/{METADATA_FILENAME} is not valid JSON: {error}") from None
+    def load(cls, directory: str, *, verify: bool = True) -> "QueryTokenizer":
+        """Read a tokenizer written by ``save``: its files must match its manifest (``verify``), the model bytes the
+        recorded version and size."""
+        path = manifest_lib.as_epath(directory)
+        if not path.exists():
+            raise FileNotFoundError(f"query tokenizer directory does not exist: {directory}")
+        if not (path / METADATA_FILENAME).exists():
+            raise FileNotFoundError(f"{directory} has no {METADATA_FILENAME}: not a query tokenizer, or an incomplete "
+                                    "save; run pipelines.train_query_tokenizer first")
+        try:
+            metadata = json.loads((path / METADATA_FILENAME).read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{directory}/{METADATA_FILENAME} is not valid JSON: {error}") from None
         if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT:
             raise ValueError(f"{directory}/{METADATA_FILENAME}: unsupported format "
                              f"{metadata.get('format') if isinstance(metadata, dict) else metadata!r}")
-        with FileSystems.open(FileSystems.join(directory, MODEL_FILENAME)) as f:
-            serialized_model = f.read()
+        if verify:
+            cls._verify(directory, metadata)
+        serialized_model = (path / MODEL_FILENAME).read_bytes()
         try:
             tokenizer = cls(serialized_model=serialized_model, model_type=metadata["model_type"],
                             requested_vocab_size=metadata["requested_vocab_size"],
@@ -179,6 +197,28 @@ class QueryTokenizer:
                              f"{tokenizer.version}, vocab size {tokenizer.vocab_size}; metadata says "
                              f"{metadata.get('version')}, {metadata.get('vocab_size')})")
         return tokenizer
+
+    @staticmethod
+    def _verify(directory: str, metadata: Dict[str, Any]) -> None:
+        try:
+            manifest_lib.verify_artifact(directory, ARTIFACT_KIND, version=metadata.get("version"),
+                                         descriptor=METADATA_FILENAME)
+        except manifest_lib.ArtifactIntegrityError as error:
+            model_path = manifest_lib.as_epath(directory) / MODEL_FILENAME
+            if error.file == MODEL_FILENAME and model_path.exists():
+                try:  # say so when the damaged model does not even parse
+                    spm.SentencePieceProcessor().LoadFromSerializedProto(model_path.read_bytes())
+                except RuntimeError:
+                    raise manifest_lib.ArtifactIntegrityError(
+                        f"{error}; {MODEL_FILENAME} is not a valid SentencePiece model", directory=error.directory,
+                        kind=error.kind, file=error.file) from None
+            raise
+
+
+def check_legacy_query_tokenizer(directory: str) -> str:
+    """For ``python -m tokenminds_model.manifest adopt``: load a manifest-less tokenizer (its model bytes must hash
+    to the recorded version) and return that version."""
+    return QueryTokenizer.load(directory, verify=False).version
 
 
 # ---------------------------------------------------------------------------------------------------------------

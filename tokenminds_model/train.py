@@ -2,7 +2,8 @@
 
     python -m tokenminds_model.train --examples=<root>/examples/date=D [more dirs] --output=<checkpoint_dir> \
         [--init_from=<yesterday's checkpoint dir>] [--preset=tiny|base|large] [--steps=N] [--batch_size=B] \
-        [--learning_rate=LR] [--schedule=constant|warmup_cosine] [--warmup_steps=W] [--seed=S]
+        [--learning_rate=LR] [--schedule=constant|warmup_cosine] [--warmup_steps=W] [--seed=S] \
+        [--devices=auto|N] [--param_sharding=replicated|fsdp] [--compute_dtype=auto|float32|bfloat16]
 
 Fresh start: the model config comes from the examples' ``vocabulary.json`` + ``feature_spec.json`` and ``--preset``
 (plus ``--max_tokens``, ``--dropout``, ``--model_overrides='{"d_model": 128}'``); parameters are initialised from
@@ -24,8 +25,12 @@ consumed, so an interrupted run can be resumed exactly. Dropout keys are ``fold_
 
 Output (see ``tokenminds_model.model_checkpoints``): ``<output>/model_config.json`` (config, vocabulary manifest,
 feature spec, version = content hash, parent version, training days, run history), ``params/``, ``train_state/``
-(orbax, no pickle) and ``<output>/tensorboard`` (loss, accuracy, learning rate, gradient norm, examples/s, tokens/s).
-A rerun into the same output replaces it; a directory holding anything else is never touched. Progress is a tqdm
+(orbax, no pickle), ``<output>/tensorboard`` (loss, accuracy, learning rate, gradient norm, examples/s, tokens/s),
+``_SUCCESS`` and ``_MANIFEST.json`` (every file's size and sha256: ``tokenminds_model.manifest``). Everything is
+written into a staging directory beside ``--output`` (TensorBoard events included, so point TensorBoard there while
+training) that replaces ``--output`` only once the checkpoint is complete: a failed or interrupted run leaves the
+previous checkpoint as it was. A rerun into the same output replaces it; a directory holding anything else is
+refused (exit 2) before any work. Progress is a tqdm
 bar; the summary printed at the end (and the :class:`TrainResult` of :func:`train`) has the final loss and the
 throughput (examples/s and non-pad encoder tokens/s, excluding the first step, which includes compilation).
 """
@@ -48,19 +53,27 @@ import numpy as np
 import optax
 
 from tokenminds_model import data as data_lib
-from tokenminds_model.model import (PRESETS, ModelConfig, ModelFunctions, Params, check_compatible, count_params,
-                                    model_functions, model_inputs)
-from tokenminds_model.model_checkpoints import (CHECKPOINT_ENTRIES, TENSORBOARD_DIRNAME, CheckpointError,
-                                                TrainingCheckpoint, as_path, load_model, read_checkpoint_document,
-                                                restore_train_state, save_model_checkpoint)
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tokenminds_model.model import (DTYPES, PRESETS, ModelConfig, ModelFunctions, Params, check_compatible,
+                                    count_params, default_compute_dtype, model_functions, model_inputs)
+from tokenminds_model import manifest as manifest_lib
+from tokenminds_model.model_checkpoints import (ARTIFACT_KIND, CHECKPOINT_ENTRIES, TENSORBOARD_DIRNAME,
+                                                CheckpointError, TrainingCheckpoint, as_path, checkpoint_writer,
+                                                load_model, read_checkpoint_document, restore_train_state,
+                                                write_checkpoint_files)
 from tokenminds_model.vocabulary import MANIFEST_FILENAME, VocabularyLayout
 
-__all__ = ["TrainConfig", "TrainResult", "train", "load_model", "evaluate", "make_optimizer", "make_train_step",
-           "train_step_for", "learning_rate_schedule", "opt_state_shapes", "read_examples_metadata",
+__all__ = ["TrainConfig", "TrainResult", "TrainSharding", "train", "load_model", "evaluate", "make_optimizer",
+           "make_train_step", "train_step_for", "make_mesh", "learning_rate_schedule", "opt_state_shapes", "read_examples_metadata",
            "training_batches", "restore_train_state", "read_checkpoint_document", "TrainingCheckpoint",
            "CheckpointError", "main"]
 
 SCHEDULES = ("constant", "warmup_cosine")
+PARAM_SHARDINGS = ("replicated", "fsdp")
+DATA_AXIS = "data"
+# FSDP shards a parameter (and its optimizer moments) only from this many elements on; smaller ones are replicated.
+FSDP_MIN_ELEMENTS = 2 ** 14
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +132,9 @@ class TrainResult:
     wall_s: float
     training_days: Tuple[str, ...]
     num_params: int
+    devices: int = 1
+    param_sharding: str = "replicated"
+    ms_per_step: float = 0.0
 
     def summary(self) -> Dict[str, Any]:
         return {"checkpoint_dir": self.checkpoint_dir, "version": self.version,
@@ -127,7 +143,9 @@ class TrainResult:
                 "final_loss": self.final_loss, "examples_per_s": round(self.examples_per_s, 1),
                 "tokens_per_s": round(self.tokens_per_s, 1), "padded_tokens_per_s": round(self.padded_tokens_per_s, 1),
                 "first_step_s": round(self.first_step_s, 2), "wall_s": round(self.wall_s, 2),
-                "training_days": list(self.training_days), "num_params": self.num_params}
+                "training_days": list(self.training_days), "num_params": self.num_params,
+                "devices": self.devices, "param_sharding": self.param_sharding,
+                "ms_per_step": round(self.ms_per_step, 2), "compute_dtype": self.config.dtype}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,26 +178,107 @@ def opt_state_shapes(param_shapes: Params) -> Any:
     return jax.eval_shape(make_optimizer(TrainConfig()).init, param_shapes)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Devices and sharding.
+# ---------------------------------------------------------------------------------------------------------------
+def make_mesh(devices: Any = "auto", batch_size: Optional[int] = None) -> Mesh:
+    """A 1-D ``Mesh`` (axis ``"data"``) over the first ``devices`` local devices.
+
+    ``devices``: a count, or ``"auto"``/None/0 for every local device (on CPU that is one device unless
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` is set before JAX starts); with ``batch_size`` given,
+    ``auto`` takes the largest count that divides it, an explicit count must divide it.
+    """
+    local = jax.local_devices()
+    if devices in (None, 0, "auto", "all"):
+        count = len(local)
+        if batch_size:
+            while batch_size % count:
+                count -= 1
+    else:
+        count = int(devices)
+        if not 1 <= count <= len(local):
+            raise ValueError(f"--devices={count}, but this host has {len(local)} {local[0].platform} device(s)")
+        if batch_size and batch_size % count:
+            raise ValueError(f"--batch_size={batch_size} does not split over --devices={count} (the batch is "
+                             f"sharded on the data axis: use a multiple of {count})")
+    return Mesh(np.array(local[:count]), (DATA_AXIS,))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSharding:
+    """Where training state and batches live: ``mesh`` (1-D, axis ``"data"``), the batch sharded on its leading
+    dimension over that axis, and parameters plus optimizer state either ``replicated`` on every device (data
+    parallel: XLA all-reduces the gradients) or ``fsdp``: each array of at least ``FSDP_MIN_ELEMENTS`` elements is
+    sharded over the data axis along its largest dimension that the device count divides (its Adam moments alike),
+    and XLA gathers it where a step reads it. Either way one step is one compiled SPMD program and gives the
+    1-device results up to float summation order (``tests/test_sharding.py``)."""
+
+    mesh: Mesh
+    params: str = "replicated"
+
+    def __post_init__(self) -> None:
+        if self.params not in PARAM_SHARDINGS:
+            raise ValueError(f"param sharding must be one of {PARAM_SHARDINGS}, got {self.params!r}")
+
+    @property
+    def devices(self) -> int:
+        return int(self.mesh.devices.size)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def batch(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+
+    def for_shape(self, shape: Sequence[int]) -> NamedSharding:
+        if self.params == "replicated" or self.devices == 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_ELEMENTS:
+            return self.replicated
+        divisible = [axis for axis, size in enumerate(shape) if size % self.devices == 0]
+        if not divisible:
+            return self.replicated
+        axis = max(divisible, key=lambda a: (shape[a], -a))
+        spec = [None] * len(shape)
+        spec[axis] = DATA_AXIS
+        return NamedSharding(self.mesh, PartitionSpec(*spec))
+
+    def tree(self, shapes: Any) -> Any:
+        """Shardings for a pytree of arrays or ``ShapeDtypeStruct`` (params, optimizer state)."""
+        return jax.tree.map(lambda leaf: self.for_shape(np.shape(leaf)), shapes)
+
+    def put_batch(self, inputs: Mapping[str, np.ndarray]) -> Dict[str, jax.Array]:
+        return jax.device_put(dict(inputs), self.batch)
+
+
 @functools.lru_cache(maxsize=16)
-def _cached_train_step(config: ModelConfig, optimizer_config: TrainConfig, start_step: int):
-    return make_train_step(model_functions(config), make_optimizer(optimizer_config, start_step))
+def _cached_train_step(config: ModelConfig, optimizer_config: TrainConfig, start_step: int,
+                       sharding: Optional[TrainSharding]):
+    return make_train_step(model_functions(config), make_optimizer(optimizer_config, start_step), sharding)
 
 
-def train_step_for(config: ModelConfig, train_config: TrainConfig, start_step: int = 0):
-    """The jitted step of :func:`make_train_step` for this config and run, shared by runs whose optimizer updates
-    are identical (so a process that trains several times, e.g. the tests, compiles once)."""
+def train_step_for(config: ModelConfig, train_config: TrainConfig, start_step: int = 0,
+                   sharding: Optional[TrainSharding] = None):
+    """The jitted step of :func:`make_train_step` for this config, run and sharding, shared by runs whose optimizer
+    updates are identical (so a process that trains several times, e.g. the tests, compiles once)."""
     tc = train_config
     # Keep only what the optimizer reads; a constant schedule does not depend on steps or the start step.
     constant = tc.schedule == "constant"
     key = TrainConfig(learning_rate=tc.learning_rate, schedule=tc.schedule, weight_decay=tc.weight_decay,
                       grad_clip_norm=tc.grad_clip_norm, end_lr_ratio=tc.end_lr_ratio,
                       steps=1 if constant else tc.steps, warmup_steps=0 if constant else tc.warmup_steps)
-    return _cached_train_step(config, key, 0 if constant else start_step)
+    return _cached_train_step(config, key, 0 if constant else start_step, sharding)
 
 
-def make_train_step(fns: ModelFunctions, optimizer: optax.GradientTransformation):
+def make_train_step(fns: ModelFunctions, optimizer: optax.GradientTransformation,
+                    sharding: Optional[TrainSharding] = None):
     """``step(params, opt_state, inputs, dropout_rng) -> (params, opt_state, metrics)``, jitted, state donated.
-    ``dropout_rng`` may be None (no dropout) and must then be None on every call."""
+    ``dropout_rng`` may be None (no dropout) and must then be None on every call.
+
+    With ``sharding``, the step is one SPMD program over its mesh: pass params/optimizer state placed with
+    ``sharding.tree(...)`` and inputs with ``sharding.put_batch``; the outputs keep the state's shardings and the
+    metrics are replicated. The loss is the global batch's (the sum over real targets divided by their count,
+    reduced across devices), so the result does not depend on the device count."""
 
     def step(params, opt_state, inputs, dropout_rng):
         (_, metrics), grads = jax.value_and_grad(fns.loss, has_aux=True)(params, inputs, dropout_rng=dropout_rng)
@@ -187,7 +286,12 @@ def make_train_step(fns: ModelFunctions, optimizer: optax.GradientTransformation
         params = optax.apply_updates(params, updates)
         return params, opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if sharding is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    param_shapes = fns.param_shapes()
+    out_shardings = (sharding.tree(param_shapes), sharding.tree(jax.eval_shape(optimizer.init, param_shapes)),
+                     sharding.replicated)
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -308,32 +412,17 @@ def evaluate(config: ModelConfig, params: Params, example_dirs: Sequence[str], *
 # ---------------------------------------------------------------------------------------------------------------
 # Output directory.
 # ---------------------------------------------------------------------------------------------------------------
-def _checkpoint_entries_to_replace(output: str, init_from: Optional[str]) -> List[Any]:
-    """What a run into ``output`` replaces (a rerun replaces the previous checkpoint); raises, before any work, if
-    ``output`` overlaps ``init_from`` or holds anything that is not part of a model checkpoint."""
+def _check_output(output: str, init_from: Optional[str]) -> None:
+    """Raises, before any work, if ``output`` overlaps ``init_from`` or holds anything but a model checkpoint (a
+    rerun replaces the previous checkpoint; anything else is never touched)."""
     path = as_path(output)
     if init_from is not None:
         parent = as_path(init_from)
         if path == parent or parent.is_relative_to(path) or path.is_relative_to(parent):
             raise ValueError(f"--output {path} must not be, contain or lie inside --init_from {parent}")
-    if not path.exists():
-        return []
-    if not path.is_dir():
+    if path.exists() and not path.is_dir():
         raise ValueError(f"--output {path} exists and is not a directory")
-    entries = sorted(path.iterdir(), key=lambda entry: entry.name)
-    foreign = [entry.name for entry in entries if entry.name not in CHECKPOINT_ENTRIES]
-    if foreign:
-        raise ValueError(f"--output {path} is not empty and not a model checkpoint (holds {foreign[:5]}); "
-                         f"refusing to replace it")
-    return entries
-
-
-def _remove(entries: Sequence[Any]) -> None:
-    for entry in entries:
-        if entry.is_dir():
-            entry.rmtree()
-        else:
-            entry.unlink()
+    manifest_lib.check_replaceable(path, ARTIFACT_KIND, legacy_entries=CHECKPOINT_ENTRIES)
 
 
 class _Scalars:
@@ -377,11 +466,19 @@ def train(example_dirs: Sequence[str], output: str, init_from: Optional[str] = N
           steps: int = 1000, batch_size: int = 32, learning_rate: float = 1e-3, schedule: str = "constant",
           warmup_steps: int = 100, seed: int = 0, shuffle: bool = True, skip_batches: int = 0,
           log_every: int = 10, progress: bool = True, tensorboard: bool = True,
-          train_config: Optional[TrainConfig] = None, **model_overrides: Any) -> TrainResult:
+          train_config: Optional[TrainConfig] = None, devices: Any = "auto", param_sharding: str = "replicated",
+          compute_dtype: str = "auto", **model_overrides: Any) -> TrainResult:
     """Train (fresh, or continuing ``init_from``) on ``example_dirs`` and write a checkpoint to ``output``.
 
     ``model_overrides`` (fresh start only) replace :class:`ModelConfig` fields of the preset, e.g. ``d_model=32``
     or ``max_tokens=128``. ``train_config`` replaces all the run's hyper-parameter arguments at once.
+
+    ``devices`` (a count or ``"auto"``: every local device that divides the batch) and ``param_sharding``
+    (``replicated`` or ``fsdp``) place the run on a data-parallel mesh (:class:`TrainSharding`); the checkpoint is
+    the same whatever the device count, and a checkpoint written on N devices resumes on M. ``compute_dtype``:
+    ``auto`` = the preset's (bfloat16 for ``base`` and ``large``/``paper``) on accelerators and float32 on CPU, where
+    bfloat16 matmuls are slow; parameters, optimizer state, logits and loss are float32 either way. On a resumed run
+    an explicit dtype replaces the checkpoint's (the parameters do not change), ``auto`` keeps it.
     """
     started = time.perf_counter()
     example_dirs = [example_dirs] if isinstance(example_dirs, str) else list(example_dirs)
@@ -389,7 +486,10 @@ def train(example_dirs: Sequence[str], output: str, init_from: Optional[str] = N
                                      schedule=schedule, warmup_steps=warmup_steps, seed=seed, shuffle=shuffle,
                                      skip_batches=skip_batches, log_every=log_every)
     layout, manifest, feature_spec, days = read_examples_metadata(example_dirs)
-    _checkpoint_entries_to_replace(output, init_from)
+    _check_output(output, init_from)
+    if compute_dtype != "auto" and compute_dtype not in DTYPES:
+        raise ValueError(f"compute_dtype must be 'auto' or one of {tuple(DTYPES)}, got {compute_dtype!r}")
+    sharding = TrainSharding(make_mesh(devices, tc.batch_size), param_sharding)
 
     parent_document: Dict[str, Any] = {}
     if init_from is not None:
@@ -404,107 +504,123 @@ def train(example_dirs: Sequence[str], output: str, init_from: Optional[str] = N
         conflicting = {key: value for key, value in model_overrides.items() if getattr(config, key, None) != value}
         if conflicting:
             raise ValueError(f"cannot change the architecture of checkpoint {init_from}: {conflicting}")
+        if compute_dtype != "auto":  # the compute dtype is not architecture: parameters are float32 either way
+            config = config.replace(dtype=compute_dtype)
         start_step = int(parent_document["step"])
     else:
+        if "dtype" not in model_overrides:
+            model_overrides["dtype"] = (compute_dtype if compute_dtype != "auto" else
+                                        default_compute_dtype(PRESETS.get(preset, {}).get("dtype", "float32")))
         config = ModelConfig.from_layout(layout, feature_spec, preset, **model_overrides)
         params, opt_state, start_step = None, None, 0
     check_compatible(config, layout, feature_spec)
 
     fns = model_functions(config)
     optimizer = make_optimizer(tc, start_step)
-    if params is None:
-        params = fns.init(jax.random.key(tc.seed))
-        opt_state = optimizer.init(params)
-    params, opt_state = jax.device_put((params, opt_state))
-    _remove(_checkpoint_entries_to_replace(output, init_from))
-    step_fn = train_step_for(config, tc, start_step)
-    schedule_fn = learning_rate_schedule(tc, start_step)
-    scalars = _Scalars(output, tensorboard)
-    base_key = jax.random.key(tc.seed)
+    param_shardings = sharding.tree(fns.param_shapes())
+    opt_shardings = sharding.tree(opt_state_shapes(fns.param_shapes()))
+    if params is None:  # initialised in place (sharded already under fsdp); the values do not depend on the mesh
+        params = jax.jit(fns._init, out_shardings=param_shardings)(jax.random.key(tc.seed))
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    # A restored checkpoint is host arrays: placed with this run's shardings, whatever mesh wrote it.
+    params, opt_state = jax.device_put(params, param_shardings), jax.device_put(opt_state, opt_shardings)
+    # Everything (TensorBoard events, checkpoint, _SUCCESS) goes to a staging directory beside the output, which
+    # replaces it with its manifest only at the end: an interrupted or failed run leaves the old checkpoint.
+    with checkpoint_writer(output) as staged:
+        step_fn = train_step_for(config, tc, start_step, sharding)
+        schedule_fn = learning_rate_schedule(tc, start_step)
+        scalars = _Scalars(staged.path, tensorboard)
+        base_key = jax.random.key(tc.seed)
 
-    from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=tc.steps, desc=f"train {config.d_model}d step {start_step}", unit="step", disable=not progress,
-               dynamic_ncols=True)
-    losses: List[float] = []
-    pending: List[Any] = []
-    window_examples = window_tokens = 0
-    total_tokens = 0
-    first_step_s = 0.0
-    steady_started = window_started = time.perf_counter()
-    batches = training_batches(example_dirs, config, tc, feature_spec)
-    try:
-        for index in range(tc.steps):
-            global_step = start_step + index
-            inputs, real_tokens = next(batches)
-            dropout_rng = jax.random.fold_in(base_key, global_step) if config.dropout > 0 else None
-            params, opt_state, metrics = step_fn(params, opt_state, inputs, dropout_rng)
-            pending.append(metrics)
-            if index == 0:
-                jax.block_until_ready(metrics)
-                first_step_s = time.perf_counter() - started
-                steady_started = window_started = time.perf_counter()
-            else:
-                total_tokens += real_tokens
-                window_examples += tc.batch_size
-                window_tokens += real_tokens
-            bar.update(1)
-            if (index + 1) % tc.log_every == 0 or index + 1 == tc.steps:
-                fetched = jax.device_get(pending)
-                pending = []
-                losses += [float(m["loss"]) for m in fetched]
-                now = time.perf_counter()
-                seconds = max(now - window_started, 1e-9)
-                values = {"train/loss": float(np.mean([m["loss"] for m in fetched])),
-                          "train/token_accuracy": float(np.mean([m["token_accuracy"] for m in fetched])),
-                          "train/target_accuracy": float(np.mean([m["target_accuracy"] for m in fetched])),
-                          "train/grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-                          "train/learning_rate": float(schedule_fn(global_step))}
-                if window_examples:
-                    values.update({"perf/examples_per_s": window_examples / seconds,
-                                   "perf/tokens_per_s": window_tokens / seconds})
-                scalars.write(global_step + 1, values)
-                bar.set_postfix(loss=f"{values['train/loss']:.3f}",
-                                ex_s=f"{values.get('perf/examples_per_s', 0.0):.0f}",
-                                tok_s=f"{values.get('perf/tokens_per_s', 0.0):.0f}")
-                window_examples = window_tokens = 0
-                window_started = now
-        jax.block_until_ready(params)
-        steady_s = max(time.perf_counter() - steady_started, 1e-9)
-    finally:
-        bar.close()
-        scalars.close()
-        batches.close()
+        bar = tqdm(total=tc.steps, desc=f"train {config.d_model}d step {start_step}", unit="step", disable=not progress,
+                   dynamic_ncols=True)
+        losses: List[float] = []
+        pending: List[Any] = []
+        window_examples = window_tokens = 0
+        total_tokens = 0
+        first_step_s = 0.0
+        steady_started = window_started = time.perf_counter()
+        batches = training_batches(example_dirs, config, tc, feature_spec)
+        try:
+            for index in range(tc.steps):
+                global_step = start_step + index
+                inputs, real_tokens = next(batches)
+                inputs = sharding.put_batch(inputs)
+                dropout_rng = jax.random.fold_in(base_key, global_step) if config.dropout > 0 else None
+                params, opt_state, metrics = step_fn(params, opt_state, inputs, dropout_rng)
+                pending.append(metrics)
+                if index == 0:
+                    jax.block_until_ready(metrics)
+                    first_step_s = time.perf_counter() - started
+                    steady_started = window_started = time.perf_counter()
+                else:
+                    total_tokens += real_tokens
+                    window_examples += tc.batch_size
+                    window_tokens += real_tokens
+                bar.update(1)
+                if (index + 1) % tc.log_every == 0 or index + 1 == tc.steps:
+                    fetched = jax.device_get(pending)
+                    pending = []
+                    losses += [float(m["loss"]) for m in fetched]
+                    now = time.perf_counter()
+                    seconds = max(now - window_started, 1e-9)
+                    values = {"train/loss": float(np.mean([m["loss"] for m in fetched])),
+                              "train/token_accuracy": float(np.mean([m["token_accuracy"] for m in fetched])),
+                              "train/target_accuracy": float(np.mean([m["target_accuracy"] for m in fetched])),
+                              "train/grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+                              "train/learning_rate": float(schedule_fn(global_step))}
+                    if window_examples:
+                        values.update({"perf/examples_per_s": window_examples / seconds,
+                                       "perf/tokens_per_s": window_tokens / seconds})
+                    scalars.write(global_step + 1, values)
+                    bar.set_postfix(loss=f"{values['train/loss']:.3f}",
+                                    ex_s=f"{values.get('perf/examples_per_s', 0.0):.0f}",
+                                    tok_s=f"{values.get('perf/tokens_per_s', 0.0):.0f}")
+                    window_examples = window_tokens = 0
+                    window_started = now
+            jax.block_until_ready(params)
+            steady_s = max(time.perf_counter() - steady_started, 1e-9)
+        finally:
+            bar.close()
+            scalars.close()
+            batches.close()
 
-    if not all(math.isfinite(loss) for loss in losses):
-        raise FloatingPointError(f"training diverged: non-finite loss at step "
-                                 f"{start_step + next(i for i, l in enumerate(losses) if not math.isfinite(l))}; "
-                                 f"no checkpoint written")
-    steady_steps = tc.steps - 1
-    if steady_steps:
-        examples_per_s = steady_steps * tc.batch_size / steady_s
-        tokens_per_s = total_tokens / steady_s
-        padded_tokens_per_s = steady_steps * tc.batch_size * config.max_tokens / steady_s
-    else:  # a single step: all we have includes compilation
-        examples_per_s = tc.batch_size / first_step_s
-        tokens_per_s = padded_tokens_per_s = 0.0
-    final_loss = float(np.mean(losses[-min(10, len(losses)):]))
-    training_days = list(parent_document.get("training_days", []))
-    training_days += [day for day in days if day not in training_days]
-    run = {"days": days, "example_dirs": example_dirs, "start_step": start_step, "end_step": start_step + tc.steps,
-           "train_config": tc.to_dict(), "first_loss": losses[0], "final_loss": final_loss,
-           "examples_per_s": round(examples_per_s, 2), "tokens_per_s": round(tokens_per_s, 1),
-           "parent_version": parent_document.get("version"), "platform": jax.devices()[0].platform}
-    document = save_model_checkpoint(output, config=config, params=params, opt_state=opt_state,
-                                     step=start_step + tc.steps, layout=layout, feature_spec=feature_spec,
-                                     parent_version=parent_document.get("version"), training_days=training_days,
-                                     runs=list(parent_document.get("runs", [])) + [run])
+        if not all(math.isfinite(loss) for loss in losses):
+            raise FloatingPointError(f"training diverged: non-finite loss at step "
+                                     f"{start_step + next(i for i, l in enumerate(losses) if not math.isfinite(l))}; "
+                                     f"no checkpoint written")
+        steady_steps = tc.steps - 1
+        if steady_steps:
+            examples_per_s = steady_steps * tc.batch_size / steady_s
+            tokens_per_s = total_tokens / steady_s
+            padded_tokens_per_s = steady_steps * tc.batch_size * config.max_tokens / steady_s
+        else:  # a single step: all we have includes compilation
+            examples_per_s = tc.batch_size / first_step_s
+            tokens_per_s = padded_tokens_per_s = 0.0
+        final_loss = float(np.mean(losses[-min(10, len(losses)):]))
+        training_days = list(parent_document.get("training_days", []))
+        training_days += [day for day in days if day not in training_days]
+        run = {"days": days, "example_dirs": example_dirs, "start_step": start_step, "end_step": start_step + tc.steps,
+               "train_config": tc.to_dict(), "first_loss": losses[0], "final_loss": final_loss,
+               "examples_per_s": round(examples_per_s, 2), "tokens_per_s": round(tokens_per_s, 1),
+               "parent_version": parent_document.get("version"), "platform": jax.devices()[0].platform,
+               "devices": sharding.devices, "param_sharding": sharding.params, "compute_dtype": config.dtype,
+               "ms_per_step": round(1000 * steady_s / max(steady_steps, 1), 2) if steady_steps else None}
+        document = write_checkpoint_files(staged.path, config=config, params=params, opt_state=opt_state,
+                                          step=start_step + tc.steps, layout=layout, feature_spec=feature_spec,
+                                          parent_version=parent_document.get("version"), training_days=training_days,
+                                          runs=list(parent_document.get("runs", [])) + [run])
+        staged.extra["version"] = document["version"]
     return TrainResult(
         checkpoint_dir=os.fspath(as_path(output)), version=document["version"],
         parent_version=parent_document.get("version"), config=config, train_config=tc, start_step=start_step,
         step=start_step + tc.steps, losses=tuple(losses), final_loss=final_loss, examples_per_s=examples_per_s,
         tokens_per_s=tokens_per_s, padded_tokens_per_s=padded_tokens_per_s, first_step_s=first_step_s,
-        wall_s=time.perf_counter() - started, training_days=tuple(training_days), num_params=count_params(params))
+        wall_s=time.perf_counter() - started, training_days=tuple(training_days), num_params=count_params(params),
+        devices=sharding.devices, param_sharding=sharding.params,
+        ms_per_step=1000 * steady_s / steady_steps if steady_steps else 1000 * first_step_s)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -530,6 +646,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max_tokens", type=int, default=None, help="fresh start: encoder length (cap)")
     parser.add_argument("--dropout", type=float, default=None, help="fresh start: dropout rate")
     parser.add_argument("--model_overrides", default=None, help='fresh start: JSON of ModelConfig fields')
+    parser.add_argument("--devices", default="auto",
+                        help="devices of the data-parallel mesh: a count, or auto (every local device that divides "
+                             "--batch_size; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N to get N)")
+    parser.add_argument("--param_sharding", default="replicated", choices=PARAM_SHARDINGS,
+                        help="replicated (data parallel) or fsdp (parameters and optimizer state sharded too)")
+    parser.add_argument("--compute_dtype", default="auto", choices=("auto",) + tuple(DTYPES),
+                        help="auto: the preset's dtype on accelerators, float32 on CPU; params stay float32")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument("--no_tensorboard", action="store_true")
     args = parser.parse_args(argv)
@@ -554,15 +677,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        batch_size=args.batch_size, learning_rate=args.learning_rate, schedule=args.schedule,
                        warmup_steps=args.warmup_steps, seed=args.seed, shuffle=not args.no_shuffle,
                        skip_batches=args.skip_batches, log_every=args.log_every, progress=not args.no_progress,
-                       tensorboard=not args.no_tensorboard, **overrides)
-    except (FileNotFoundError, CheckpointError, data_lib.CorruptShardError, ValueError, TypeError) as error:
+                       tensorboard=not args.no_tensorboard, devices=args.devices,
+                       param_sharding=args.param_sharding, compute_dtype=args.compute_dtype, **overrides)
+    except (FileNotFoundError, FileExistsError, CheckpointError, data_lib.CorruptShardError, ValueError,
+            TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = result.summary()
     print(f"trained {summary['steps']} steps (global step {summary['step']}) on {', '.join(result.training_days)}: "
           f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}; {summary['examples_per_s']:,.1f} "
           f"examples/s, {summary['tokens_per_s']:,.0f} tokens/s; checkpoint {summary['version']} "
-          f"(parent {summary['parent_version']}) in {summary['checkpoint_dir']}")
+          f"(parent {summary['parent_version']}) in {summary['checkpoint_dir']}; {summary['devices']} device(s), "
+          f"{summary['param_sharding']} parameters, {summary['compute_dtype']} compute, "
+          f"{summary['ms_per_step']:.1f} ms/step")
     print("RESULT " + json.dumps(summary, sort_keys=True))
     return 0
 

@@ -72,6 +72,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from transforms import outputs, schemas
+from transforms.sample_data import write_landing_marker
 
 # ---------------------------------------------------------------------------------------------------------------
 # The mapping's constants (recorded in the manifest).
@@ -235,8 +236,10 @@ def import_dataset(config: ImportConfig) -> ImportedDataset:
 def write_imported_dataset(dataset: ImportedDataset, output_root: str) -> Dict:
     """Write the dataset under ``output_root`` (a local directory) and return the manifest written.
 
-    The input-table directories and ``_catalog`` (and a stale ``_truth`` of the sample generator) are removed first,
-    so a rerun replaces the previous output instead of mixing with it; nothing else under the root is touched.
+    Each ``<table>/date=D/`` partition gets its data file, then its landing marker ``_SUCCESS`` (what the daily DAG's
+    first sensor waits for). The input-table directories and ``_catalog`` (and a stale ``_truth`` of the sample
+    generator) are removed first, so a rerun replaces the previous output instead of mixing with it; nothing else
+    under the root is touched.
     """
     os.makedirs(output_root, exist_ok=True)
     for owned_dir in (*schemas.INPUT_TABLES, CATALOG_DIR, *STALE_DIRS):
@@ -247,6 +250,7 @@ def write_imported_dataset(dataset: ImportedDataset, output_root: str) -> Dict:
             partition = schemas.partition_dir(output_root, table_name, date)
             os.makedirs(partition)
             pq.write_table(rows, os.path.join(partition, PART_FILE), compression="zstd")
+            write_landing_marker(partition)  # last: the day of this table has landed (the DAG's first sensor)
     os.makedirs(os.path.join(output_root, CATALOG_DIR))
     pq.write_table(dataset.catalog, os.path.join(output_root, CATALOG_DIR, "items.parquet"), compression="zstd")
 

@@ -253,7 +253,7 @@ class BuildUserEvalCases(beam.DoFn):
     def setup(self):
         from tokenminds_model.query_tokenizer import QueryTokenizer
 
-        self._tokenizer = QueryTokenizer.load(self._context.build.query_tokenizer_dir)
+        self._tokenizer = QueryTokenizer.load(self._context.build.query_tokenizer_dir, verify=False)  # driver verified
         self._featurizer = features.WatchFeaturizer(self._context.build.feature_transform_dir)
 
     def _featurize(self, timeline: Timeline):

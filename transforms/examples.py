@@ -224,7 +224,7 @@ class BuildUserExamples(beam.DoFn):
     def setup(self):
         from tokenminds_model.query_tokenizer import QueryTokenizer
 
-        self._tokenizer = QueryTokenizer.load(self._context.query_tokenizer_dir)
+        self._tokenizer = QueryTokenizer.load(self._context.query_tokenizer_dir, verify=False)  # driver verified
         self._featurizer = features.WatchFeaturizer(self._context.feature_transform_dir)
 
     def process(self, keyed_snapshots):

@@ -8,6 +8,14 @@ from one day to the next.
 Raw inputs are ``transforms.sequences.RAW_WATCH_FEATURE_COLUMNS``; outputs are, per layout feature, a bucket id
 below the number of ids the vocabulary reserves for it (hard tokens), plus z-scored values for the soft-token
 feature vector.
+
+The fitted transform is an artifact directory (``transform_fn/``, ``transformed_metadata/``,
+``transform_fn_metadata.json`` and a ``_MANIFEST.json`` of every file: ``tokenminds_model.manifest``), written
+through a staging directory by ``pipelines.fit_feature_transform``. :func:`read_transform_metadata`, what drivers
+call before any data is read, verifies every file (vocabulary assets included) against the manifest and the recorded
+``transform_fn_version`` against the manifest's, so a damaged transform fails at once, naming the file, instead of
+silently remapping feature tokens. ``WatchFeaturizer`` (workers, after their driver verified) does not re-hash
+unless asked to.
 """
 from __future__ import annotations
 
@@ -19,7 +27,9 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 
+from tokenminds_model import manifest as manifest_lib
 from tokenminds_model.vocabulary import DEFAULT_FEATURE_SIZES
 from transforms import outputs
 from transforms.sequences import (FIRST_EVENT_GAP_S, RAW_CATEGORICAL_COLUMNS, RAW_FLAG_COLUMNS,
@@ -31,6 +41,7 @@ FEATURE_SIZES: Dict[str, int] = dict(DEFAULT_FEATURE_SIZES)
 SOFT_NUMERIC = ("watch_ratio_z", "watch_time_z", "time_gap_z")
 SOFT_FEATURE_DIM = len(SOFT_NUMERIC) + 2 + FEATURE_SIZES["surface"] + FEATURE_SIZES["device"]
 METADATA_FILE = "transform_fn_metadata.json"
+ARTIFACT_KIND = "feature_transform"
 
 
 def raw_feature_spec():
@@ -138,10 +149,9 @@ def transform_fn_version(transform_dir: str) -> str:
     """What the transform does, as a hash: its outputs on a fixed probe grid, plus its vocabulary assets.
 
     Not a hash of the SavedModel files: TensorFlow serializes the same graph (analyzer results baked in as
-    constants) to different bytes on every save, and the version must not change when nothing did.
+    constants) to different bytes on every save, and the version must not change when nothing did. (The manifest
+    hashes the files themselves: any change of them after the fit is caught by :func:`read_transform_metadata`.)
     """
-    from apache_beam.io.filesystems import FileSystems
-
     digest = hashlib.sha256()
     buckets, soft = WatchFeaturizer(transform_dir).featurize_columns(_probe_columns())
     for name in sorted(buckets):
@@ -165,9 +175,11 @@ class WatchFeaturizer:
     feature vector, in one TensorFlow call for the whole timeline.
     """
 
-    def __init__(self, transform_dir: str):
+    def __init__(self, transform_dir: str, *, verify: bool = False):
         import tensorflow_transform as tft
 
+        if verify:
+            read_transform_metadata(transform_dir)
         self._output = tft.TFTransformOutput(transform_dir)
 
     def featurize_columns(self, raw_columns: Mapping[str, np.ndarray]):
@@ -218,10 +230,36 @@ def write_transform_metadata(transform_dir: str, reference_date: str, num_watche
     return metadata
 
 
-def read_transform_metadata(transform_dir: str) -> Dict:
+def read_transform_metadata(transform_dir: str, *, verify: bool = True) -> Dict:
+    """The fitted transform's metadata; with ``verify`` (the default, on drivers) every file of the transform is
+    first checked against its manifest: a missing, truncated or edited file raises
+    :class:`~tokenminds_model.manifest.ArtifactIntegrityError` naming it."""
     path = outputs.join(transform_dir, METADATA_FILE)
     try:
-        return outputs.read_json_file(path)
+        with FileSystems.open(path) as handle:
+            raw = handle.read()
     except Exception as err:
         raise FileNotFoundError(f"no fitted feature transform at {transform_dir} ({path}: {err}); "
                                 "run pipelines.fit_feature_transform first") from err
+    try:
+        metadata = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"corrupt {METADATA_FILE} in {transform_dir}: not valid JSON ({err})") from None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("transform_fn_version"), str):
+        raise ValueError(f"corrupt {METADATA_FILE} in {transform_dir}: no transform_fn_version")
+    if verify:
+        manifest_lib.verify_artifact(transform_dir, ARTIFACT_KIND, version=metadata["transform_fn_version"],
+                                     descriptor=METADATA_FILE)
+    return metadata
+
+
+def check_legacy_feature_transform(transform_dir: str) -> str:
+    """For ``python -m tokenminds_model.manifest adopt``: recompute a manifest-less transform's version (its outputs
+    on the probe grid and its vocabulary assets) and return it if it is the recorded one."""
+    recorded = read_transform_metadata(transform_dir, verify=False)["transform_fn_version"]
+    actual = transform_fn_version(transform_dir)
+    if actual != recorded:
+        raise ValueError(f"feature transform {transform_dir}: its files now give version {actual}, but "
+                         f"{METADATA_FILE} records {recorded}: it changed after it was fitted (a damaged vocabulary "
+                         "asset?); refit it (pipelines.fit_feature_transform)")
+    return recorded

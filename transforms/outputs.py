@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections import defaultdict
 from typing import Dict, Iterable, Sequence, Tuple
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.parquetio import WriteToParquet
 
 SUCCESS_MARKER = "_SUCCESS"
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
@@ -91,17 +91,102 @@ def read_json_file(path: str):
         return json.loads(handle.read().decode("utf-8"))
 
 
-class WriteParquetShards(beam.PTransform):
-    """Rows (dicts) to ``<directory>/part-SSSSS-of-NNNNN.parquet``; outputs the written file names."""
+def shard_of(key: str, num_shards: int) -> int:
+    """A row's shard: a stable hash of its key (not Python's salted ``hash``), so every run agrees."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % num_shards
 
-    def __init__(self, directory: str, schema: pa.Schema, num_shards: int = 1):
+
+def _row_sort_key(row: Dict, key_columns: Sequence[str]) -> str:
+    if key_columns:
+        return "\x1f".join(str(row.get(c)) for c in key_columns)
+    return json.dumps(row, sort_keys=True, default=str)
+
+
+class _WriteShard(beam.DoFn):
+    """Writes one shard's rows, sorted by key, as ``<prefix>-SSSSS-of-NNNNN.parquet``; yields the file name."""
+
+    def __init__(self, prefix: str, schema: pa.Schema, num_shards: int, key_columns: Sequence[str]):
         super().__init__()
+        self._prefix, self._schema, self._num_shards = prefix, schema, num_shards
+        self._key_columns = tuple(key_columns)
+
+    def process(self, keyed):
+        import pyarrow.parquet as pq
+
+        shard, grouped = keyed
+        rows = sorted(grouped["rows"], key=lambda row: _row_sort_key(row, self._key_columns))
+        path = f"{self._prefix}-{shard:05d}-of-{self._num_shards:05d}.parquet"
+        table = pa.Table.from_pylist(rows, schema=self._schema)
+        with FileSystems.create(path) as handle:
+            pq.write_table(table, handle, compression="zstd")
+        yield path
+
+
+class WriteParquetShards(beam.PTransform):
+    """Rows (dicts) to ``<directory>/part-SSSSS-of-NNNNN.parquet``; outputs the written file names.
+
+    Rows go to a shard by a stable hash of ``key_columns`` (default: the whole row) and are sorted within it, so
+    shards are evenly filled, every shard file exists (empty ones too), and a rerun on the same input writes
+    byte-identical files. (Beam's ``WriteToParquet`` converts rows to large Arrow tables before it shards them, so
+    all rows of a small job landed in one shard, in an order that depended on bundling.)
+    """
+
+    def __init__(self, directory: str, schema: pa.Schema, num_shards: int = 1, key_columns: Sequence[str] = ()):
+        super().__init__()
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         self._directory, self._schema, self._num_shards = directory, schema, num_shards
+        self._key_columns = tuple(key_columns)
 
     def expand(self, rows):
-        return rows | WriteToParquet(
-            file_path_prefix=join(self._directory, "part"), schema=self._schema, codec="zstd",
-            file_name_suffix=".parquet", num_shards=self._num_shards, shard_name_template=SHARD_TEMPLATE)
+        n, columns = self._num_shards, self._key_columns
+        keyed = rows | "KeyByShard" >> beam.Map(lambda row: (shard_of(_row_sort_key(row, columns), n), row))
+        every_shard = rows.pipeline | "EveryShard" >> beam.Create([(i, None) for i in range(n)])
+        return ({"rows": keyed, "shard": every_shard}
+                | "GroupShards" >> beam.CoGroupByKey()
+                | "WriteShards" >> beam.ParDo(_WriteShard(join(self._directory, "part"), self._schema, n, columns)))
+
+
+class _WriteTFRecordShard(beam.DoFn):
+    """Writes one shard's records, sorted, as a gzip ``<prefix>-SSSSS-of-NNNNN<suffix>``; yields the file name."""
+
+    def __init__(self, prefix: str, suffix: str, num_shards: int):
+        super().__init__()
+        self._prefix, self._suffix, self._num_shards = prefix, suffix, num_shards
+
+    def process(self, keyed):
+        import tensorflow as tf
+
+        shard, grouped = keyed
+        path = f"{self._prefix}-{shard:05d}-of-{self._num_shards:05d}{self._suffix}"
+        with tf.io.TFRecordWriter(path, options=tf.io.TFRecordOptions(compression_type="GZIP")) as writer:
+            for record in sorted(grouped["records"]):
+                writer.write(record)
+        yield path
+
+
+class WriteTFRecordShards(beam.PTransform):
+    """Serialized records to gzip TFRecord files ``<directory>/part-SSSSS-of-NNNNN.tfrecord.gz``; outputs file names.
+
+    Like ``WriteParquetShards``: a record's shard is a stable hash of its bytes and each shard is sorted, so every
+    shard exists and an identical rerun (or a backfill of the same day) writes byte-identical files, and a trainer
+    reading them in file order sees the same order every time. (Beam's ``WriteToTFRecord`` fills shards in bundle
+    order, which changed from run to run.)
+    """
+
+    def __init__(self, directory: str, num_shards: int, file_name_suffix: str = ".tfrecord.gz"):
+        super().__init__()
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        self._directory, self._num_shards, self._suffix = directory, num_shards, file_name_suffix
+
+    def expand(self, records):
+        n = self._num_shards
+        keyed = records | "KeyByShard" >> beam.Map(lambda record: (zlib.crc32(record) % n, record))
+        every_shard = records.pipeline | "EveryShard" >> beam.Create([(i, None) for i in range(n)])
+        return ({"records": keyed, "shard": every_shard}
+                | "GroupShards" >> beam.CoGroupByKey()
+                | "WriteShards" >> beam.ParDo(_WriteTFRecordShard(join(self._directory, "part"), self._suffix, n)))
 
 
 class _WriteAfter(beam.DoFn):

@@ -245,9 +245,11 @@ def generate_sample_dataset(config: SampleDataConfig) -> SampleDataset:
 def write_sample_dataset(dataset: SampleDataset, output_root: str) -> Dict:
     """Write the dataset under ``output_root`` (a local directory) and return the manifest written.
 
-    Layout: ``<root>/<table>/date=D/part-00000.parquet`` for each input table and date, ``<root>/_truth/videos.parquet``
-    and ``<root>/_truth/users.parquet``, and ``<root>/_dataset.json``. The table and truth directories are removed
-    first, so a rerun replaces the previous output instead of mixing with it; nothing else under the root is touched.
+    Layout: ``<root>/<table>/date=D/part-00000.parquet`` for each input table and date, then the partition's
+    landing marker ``_SUCCESS`` (what a raw export writes last and the daily DAG's first sensor waits for),
+    ``<root>/_truth/videos.parquet`` and ``<root>/_truth/users.parquet``, and ``<root>/_dataset.json``. The table and
+    truth directories are removed first, so a rerun replaces the previous output instead of mixing with it; nothing
+    else under the root is touched.
     """
     os.makedirs(output_root, exist_ok=True)
     for owned_dir in (*schemas.INPUT_TABLES, TRUTH_DIR):
@@ -258,6 +260,7 @@ def write_sample_dataset(dataset: SampleDataset, output_root: str) -> Dict:
             partition = schemas.partition_dir(output_root, table_name, date)
             os.makedirs(partition, exist_ok=True)
             pq.write_table(rows, os.path.join(partition, PART_FILE), compression="zstd")
+            write_landing_marker(partition)
 
     truth_dir = os.path.join(output_root, TRUTH_DIR)
     os.makedirs(truth_dir)
@@ -267,6 +270,15 @@ def write_sample_dataset(dataset: SampleDataset, output_root: str) -> Dict:
     manifest = dataset.manifest()
     outputs.write_json_atomically(os.path.join(output_root, MANIFEST_FILE), manifest)
     return manifest
+
+
+def write_landing_marker(partition: str) -> str:
+    """The empty ``_SUCCESS`` a landing export writes into a raw partition after its data files: "day D of this
+    table has landed" (``pipelines.daily_plan.landing_paths``; readers never take it for data)."""
+    path = os.path.join(partition, outputs.SUCCESS_MARKER)
+    with open(path, "wb"):
+        pass
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------

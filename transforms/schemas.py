@@ -184,6 +184,20 @@ def partition_dir(root: str, table: str, date: dt.date | str) -> str:
     return f"{str(root).rstrip('/')}/{table}/date={date_str}"
 
 
+RUN_SUMMARIES = "_runs"
+SUMMARY_FILE = "summary.json"
+
+
+def run_summary_dir(root: str, table: str, date: dt.date | str) -> str:
+    """Where a job's run summary for one partition of ``table`` goes: beside the data, in ``<table>/_runs/``, so that
+    the Parquet partition holds only Parquet (readers of ``<table>/`` skip ``_``-prefixed names)."""
+    return partition_dir(f"{str(root).rstrip('/')}/{table}", RUN_SUMMARIES, date)
+
+
+def run_summary_path(root: str, table: str, date: dt.date | str) -> str:
+    return f"{run_summary_dir(root, table, date)}/{SUMMARY_FILE}"
+
+
 def day_bounds(date: dt.date) -> tuple[dt.datetime, dt.datetime]:
     """[start, end) of a UTC day."""
     start = dt.datetime(date.year, date.month, date.day, tzinfo=dt.timezone.utc)

@@ -31,7 +31,7 @@ class JaxSIDModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     def load_model(self):
         from tokenminds_model.checkpoints import load_sid_model  # on the worker, once per process
 
-        return load_sid_model(self._model_dir)
+        return load_sid_model(self._model_dir, verify=False)  # the driver verified the checkpoint
 
     def run_inference(self, batch: Sequence[np.ndarray], model, inference_args: Optional[Dict[str, Any]] = None
                       ) -> Iterable[PredictionResult]:

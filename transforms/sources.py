@@ -3,9 +3,15 @@
 ``ReadTable(table, date, source)`` yields the partition's rows as plain dicts whatever the source, so every later
 step is source-agnostic. Rows are *not* trusted here: they go through ``ValidateRows`` next.
 
-Parquet (the embedded default): ``<input_root>/<table>/date=YYYY-MM-DD/*.parquet``. The driver lists the partition
-and reads each file's footer before the job starts, so a missing partition, an unreadable file or a missing
-column fails at once with the file and column named, not as a stack trace from inside a worker.
+Parquet (the embedded default): ``<input_root>/<table>/date=YYYY-MM-DD/*.parquet``. Files whose names start with
+``.`` or ``_`` are not data (the Hadoop/Spark convention: ``_SUCCESS``, ``.part-*.crc``, writers' temp files). The
+driver lists the partition and reads each file's footer before the job starts, so a missing partition, an
+unreadable (or zero-byte) file or a missing column fails at once with the file and column named, not as a stack
+trace from inside a worker. An empty day is a partition directory holding a ``_SUCCESS`` marker and no data files,
+or zero-row Parquet files with the schema.
+
+String values are decoded here, one by one: a value that is not UTF-8 is passed on as its raw ``bytes`` (for
+``ValidateRows`` to dead-letter with a reason) instead of failing the whole file.
 
 BigQuery: Beam's ``ReadFromBigQuery`` cannot bind query parameters (apache/beam#20546), and SQL built by formatting
 option values into strings is how injections happen. So the partition is selected by a parameterized query run with
@@ -22,12 +28,14 @@ import re
 from typing import Callable, Dict, List, Optional, Sequence
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.gcp.bigquery import ReadAllFromBigQuery, ReadFromBigQueryRequest
-from apache_beam.io.parquetio import ReadAllFromParquet
+from apache_beam.io.parquetio import ReadAllFromParquetBatched
 
 from transforms import schemas
+from transforms.outputs import SUCCESS_MARKER
 
 
 class InputContractError(ValueError):
@@ -59,21 +67,43 @@ class SourceConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # Parquet.
 # ---------------------------------------------------------------------------------------------------------------
-def list_partition_files(input_root: str, table: str, date: dt.date) -> List[str]:
+def is_hidden_file(path: str) -> bool:
+    """Names starting with ``.`` or ``_`` are markers, checksums or temp files, never data (Hadoop/Spark)."""
+    return path.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_"))
+
+
+def _match_partition_files(input_root: str, table: str, date: dt.date):
     pattern = schemas.partition_dir(input_root, table, date) + "/*.parquet"
     matches = FileSystems.match([pattern])[0].metadata_list
-    return sorted(m.path for m in matches)
+    return sorted((m for m in matches if not is_hidden_file(m.path)), key=lambda m: m.path)
+
+
+def list_partition_files(input_root: str, table: str, date: dt.date) -> List[str]:
+    """The partition's data files: ``*.parquet`` except hidden ones (names starting with ``.`` or ``_``)."""
+    return [m.path for m in _match_partition_files(input_root, table, date)]
 
 
 def check_partition_files(input_root: str, table: str, date: dt.date) -> List[str]:
-    """The partition's files, after checking each file's footer against the contract. Raises InputContractError."""
-    files = list_partition_files(input_root, table, date)
-    if not files:
+    """The partition's files, after checking each file's footer against the contract. Raises InputContractError.
+
+    An empty list means an empty day: the partition directory exists with a ``_SUCCESS`` marker and no data files.
+    """
+    directory = schemas.partition_dir(input_root, table, date)
+    matches = _match_partition_files(input_root, table, date)
+    if not matches:
+        if FileSystems.exists(FileSystems.join(directory, SUCCESS_MARKER)):
+            return []
         raise InputContractError(
-            f"{table}: no Parquet files for {date} under {schemas.partition_dir(input_root, table, date)}/ "
-            "(an empty day must still have a partition, even an empty file)")
+            f"{table}: no Parquet files for {date} under {directory}/ (files named .* or _* are ignored; an empty "
+            f"day needs the partition directory with a {SUCCESS_MARKER} marker, or a zero-row Parquet file with "
+            "the table's schema)")
     required = schemas.REQUIRED_FIELDS[table]
-    for path in files:
+    for match in matches:
+        path = match.path
+        if match.size_in_bytes == 0:
+            raise InputContractError(f"{table}: Parquet file {path} is empty (0 bytes), so not Parquet; an empty "
+                                     f"day is a zero-row Parquet file with the schema, or no data files and a "
+                                     f"{SUCCESS_MARKER} marker")
         try:
             with FileSystems.open(path) as handle:
                 file_schema = pq.read_schema(handle)
@@ -83,7 +113,92 @@ def check_partition_files(input_root: str, table: str, date: dt.date) -> List[st
         if missing:
             raise InputContractError(f"{table}: file {path} lacks required column(s) {missing}; "
                                      f"it has {file_schema.names}")
-    return files
+    return [m.path for m in matches]
+
+
+def _without_strings(arrow_type: pa.DataType) -> pa.DataType:
+    """``arrow_type`` with every string type replaced by its binary twin (a zero-copy cast), nested types too."""
+    if pa.types.is_string(arrow_type):
+        return pa.binary()
+    if pa.types.is_large_string(arrow_type):
+        return pa.large_binary()
+    if pa.types.is_string_view(arrow_type):
+        return pa.binary_view()
+    if pa.types.is_dictionary(arrow_type):
+        return _without_strings(arrow_type.value_type)  # decoded to dense values
+    if pa.types.is_list(arrow_type):
+        return pa.list_(arrow_type.value_field.with_type(_without_strings(arrow_type.value_type)))
+    if pa.types.is_large_list(arrow_type):
+        return pa.large_list(arrow_type.value_field.with_type(_without_strings(arrow_type.value_type)))
+    if pa.types.is_fixed_size_list(arrow_type):
+        return pa.list_(arrow_type.value_field.with_type(_without_strings(arrow_type.value_type)),
+                        arrow_type.list_size)
+    if pa.types.is_struct(arrow_type):
+        return pa.struct([f.with_type(_without_strings(f.type)) for f in arrow_type])
+    if pa.types.is_map(arrow_type):
+        return pa.map_(_without_strings(arrow_type.key_type), _without_strings(arrow_type.item_type))
+    return arrow_type
+
+
+def _decode_strings(value, arrow_type: pa.DataType):
+    """A value read as ``_without_strings(arrow_type)``, with its strings decoded where they are UTF-8."""
+    if value is None:
+        return None
+    if pa.types.is_dictionary(arrow_type):
+        return _decode_strings(value, arrow_type.value_type)
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_string_view(arrow_type):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value  # left as bytes: validation dead-letters it with the column named
+    if (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+            or pa.types.is_fixed_size_list(arrow_type)):
+        return [_decode_strings(item, arrow_type.value_type) for item in value]
+    if pa.types.is_struct(arrow_type):
+        return {f.name: _decode_strings(value.get(f.name), f.type) for f in arrow_type}
+    if pa.types.is_map(arrow_type):
+        return [(_decode_strings(k, arrow_type.key_type), _decode_strings(item, arrow_type.item_type))
+                for k, item in value]
+    return value
+
+
+def _temporal_value(scalar):
+    try:
+        return scalar.as_py()
+    except (OverflowError, ValueError):
+        return scalar.value  # outside Python's datetime range: the raw count, which validation rejects
+
+
+def column_values(column) -> list:
+    """One Arrow column as Python values, never raising for a value's content: strings that are not UTF-8 come out
+    as ``bytes``, and times outside Python's datetime range as their raw integer count."""
+    try:
+        return column.to_pylist()  # the fast path: every value converts
+    except UnicodeDecodeError:
+        raw = column.cast(_without_strings(column.type)).to_pylist()
+        return [_decode_strings(value, column.type) for value in raw]
+    except (OverflowError, ValueError):
+        if pa.types.is_temporal(column.type):
+            return [_temporal_value(scalar) for scalar in column]
+        raise
+
+
+def table_to_rows(table: pa.Table, columns: Sequence[str]) -> List[Dict]:
+    """Rows of an Arrow table as dicts with exactly ``columns`` as keys (absent columns are None), in that order."""
+    nulls = [None] * table.num_rows
+    values = [column_values(table.column(name)) if name in table.column_names else nulls for name in columns]
+    return [dict(zip(columns, row)) for row in zip(*values)] if columns else [{} for _ in range(table.num_rows)]
+
+
+class _ArrowToRows(beam.DoFn):
+    """Each Arrow table (one row group) to contract-keyed dicts; a file without an optional column gets None."""
+
+    def __init__(self, columns: Sequence[str]):
+        super().__init__()
+        self._columns = tuple(columns)
+
+    def process(self, table: pa.Table):
+        yield from table_to_rows(table, self._columns)
 
 
 class _ReadParquetPartition(beam.PTransform):
@@ -94,32 +209,41 @@ class _ReadParquetPartition(beam.PTransform):
     def expand(self, pbegin):
         files = check_partition_files(self._input_root, self._table, self._date)
         columns = list(schemas.input_schema(self._table).names)
+        # Row groups as Arrow tables, decoded here rather than by Beam's ReadAllFromParquet, whose to_pydict()
+        # raises on the first invalid UTF-8 string and so fails the whole job.
         return (pbegin
                 | "ListFiles" >> beam.Create(files)
-                | "ReadFiles" >> ReadAllFromParquet(columns=columns, with_filename=False)
-                # A file without an optional column yields rows without that key; the contract has every key.
-                | "FillMissingColumns" >> beam.Map(lambda row, cols=tuple(columns): {c: row.get(c) for c in cols}))
+                | "ReadFiles" >> ReadAllFromParquetBatched(columns=columns)
+                | "ToRows" >> beam.ParDo(_ArrowToRows(columns)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # BigQuery.
 # ---------------------------------------------------------------------------------------------------------------
-# BigQuery naming rules: project ids are 6-30 chars of lowercase letters, digits and hyphens (optionally prefixed
-# by a domain, "example.com:proj"); dataset and table ids are letters, digits and underscores.
-_PROJECT_RE = re.compile(r"^(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
-_DATASET_RE = re.compile(r"^[A-Za-z0-9_]{1,1024}$")
+# BigQuery naming rules: project ids are 6-30 chars of lowercase letters, digits and hyphens, optionally prefixed
+# by a domain ("example.com:my-project", a domain-scoped project); dataset and table ids are letters, digits and
+# underscores. Checked with fullmatch: "$" in a re.match pattern would also accept a trailing newline.
+_DOMAIN = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*"
+_PROJECT_RE = re.compile(rf"(?:{_DOMAIN}:)?[a-z][a-z0-9-]{{4,28}}[a-z0-9]")
+_DATASET_RE = re.compile(r"[A-Za-z0-9_]{1,1024}")
 
 
 def validate_project_id(project: Optional[str]) -> str:
-    if not project or not _PROJECT_RE.match(project):
+    if not isinstance(project, str) or not _PROJECT_RE.fullmatch(project):
         raise ValueError(f"invalid BigQuery project id {project!r}")
     return project
 
 
 def validate_dataset_id(dataset: Optional[str]) -> str:
-    if not dataset or not _DATASET_RE.match(dataset):
+    if not isinstance(dataset, str) or not _DATASET_RE.fullmatch(dataset):
         raise ValueError(f"invalid BigQuery dataset id {dataset!r}")
     return dataset
+
+
+def quote_table_path(project: str, dataset: str, table: str) -> str:
+    """A GoogleSQL table path with every part in backticks: a domain-scoped project stays whole, colon included
+    (```example.com:my-project`.`events`.`watch_events```). Only for ids that passed validation (no backticks)."""
+    return ".".join(f"`{part}`" for part in (project, dataset, table))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,15 +259,31 @@ class PartitionQuery:
     table: str
     sql: str
     parameters: Sequence[QueryParameter]
-    destination: str  # "project.dataset.table"
+    destination_project: str  # the whole project id, "example.com:" domain included where there is one
+    destination_dataset: str
+    destination_table: str
+
+    @property
+    def destination(self) -> str:
+        """The temp table as "project.dataset.table" (the client's standard-SQL form; it keeps a domain prefix)."""
+        return f"{self.destination_project}.{self.destination_dataset}.{self.destination_table}"
+
+    @property
+    def read_table_spec(self) -> str:
+        """The temp table as Beam's "project:dataset.table" (for a domain-scoped project,
+        "example.com:my-project:dataset.table", which ``bigquery_tools.parse_table_reference`` splits correctly)."""
+        return f"{self.destination_project}:{self.destination_dataset}.{self.destination_table}"
 
     def job_config(self):
         """The client's QueryJobConfig: parameters bound by BigQuery, results replacing the temp table."""
         from google.cloud import bigquery  # imported lazily: only the BigQuery source needs the client
 
+        # A TableReference built from its parts, not parsed from a string, so a domain-scoped project stays whole.
+        destination = bigquery.DatasetReference(self.destination_project, self.destination_dataset).table(
+            self.destination_table)
         return bigquery.QueryJobConfig(
             query_parameters=[bigquery.ScalarQueryParameter(p.name, p.type, p.value) for p in self.parameters],
-            destination=self.destination,
+            destination=destination,
             write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE,
             use_legacy_sql=False,
         )
@@ -154,21 +294,20 @@ def build_partition_query(project: str, dataset: str, table: str, date: dt.date,
     """The query for one day of ``table``. Option values only ever reach BigQuery as parameters or validated ids."""
     validate_project_id(project)
     validate_dataset_id(dataset)
-    validate_dataset_id(temp_dataset or dataset)
+    temp_dataset = validate_dataset_id(temp_dataset or dataset)
     if table not in schemas.INPUT_TABLES:
         raise ValueError(f"unknown input table {table!r}; expected one of {schemas.INPUT_TABLES}")
     if not isinstance(date, dt.date):
         raise TypeError(f"date must be a datetime.date, got {type(date).__name__}")
     columns = ", ".join(f"`{name}`" for name in schemas.input_schema(table).names)
     partition_column = schemas.PARTITION_COLUMN[table]
-    project_name = project.split(":")[-1]
-    sql = (f"SELECT {columns} FROM `{project_name}.{dataset}.{table}` "
+    sql = (f"SELECT {columns} FROM {quote_table_path(project, dataset, table)} "
            f"WHERE DATE(`{partition_column}`, 'UTC') = @partition_date")
     # Temp tables are named by content so that a rerun of the same day overwrites its own table.
-    digest = hashlib.sha256(f"{project_name}.{dataset}.{table}|{date.isoformat()}".encode()).hexdigest()[:12]
-    destination = f"{project_name}.{temp_dataset or dataset}.tokenminds_tmp_{table}_{date:%Y%m%d}_{digest}"
+    digest = hashlib.sha256(f"{project}.{dataset}.{table}|{date.isoformat()}".encode()).hexdigest()[:12]
     return PartitionQuery(table=table, sql=sql, parameters=(QueryParameter("partition_date", "DATE", date),),
-                          destination=destination)
+                          destination_project=project, destination_dataset=temp_dataset,
+                          destination_table=f"tokenminds_tmp_{table}_{date:%Y%m%d}_{digest}")
 
 
 def _default_bigquery_client(project: str):
@@ -194,8 +333,7 @@ class MaterializePartitionQuery(beam.DoFn):
     def process(self, query: PartitionQuery):
         job = self._client.query(query.sql, job_config=query.job_config())
         job.result()  # waits; raises with BigQuery's own message on failure
-        project, dataset, table = query.destination.split(".")
-        yield ReadFromBigQueryRequest(table=f"{project}:{dataset}.{table}")
+        yield ReadFromBigQueryRequest(table=query.read_table_spec)
 
 
 class _ReadBigQueryPartition(beam.PTransform):

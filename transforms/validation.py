@@ -4,6 +4,13 @@ The pure part, ``validate_row``, checks one row and returns either the cleaned r
 timestamps as tz-aware UTC datetimes, optional columns filled with their defaults) or a ``Rejection`` with a reason
 code. ``ValidateRows`` wraps it for Beam: per-row checks, then duplicate removal (a shuffle on the event key), with
 every input row ending either in ``valid`` or in ``dead`` and counted in Beam metrics.
+
+Text: every string a valid row keeps is valid Unicode that encodes as UTF-8 (the Parquet writer and BigQuery need
+that). String columns accept ``str`` or UTF-8 ``bytes``; bytes that are not UTF-8 (what the Parquet source passes on
+for an undecodable value) and strings holding lone surrogates are rejected with ``bad_query_encoding`` for ``query``
+and ``bad_encoding`` for every other string column (ids, scenario, surface, device), the column named in the detail.
+A value made only of invisible characters (controls, format characters such as zero-width spaces, separators,
+whitespace) counts as empty.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import hashlib
 import json
 import math
 import numbers
+import unicodedata
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -34,10 +42,12 @@ BAD_FIELD = "bad_field"
 BAD_EMBEDDING = "bad_embedding"
 EMPTY_QUERY = "empty_query"
 QUERY_TOO_LONG = "query_too_long"
-BAD_QUERY_ENCODING = "bad_query_encoding"
+BAD_QUERY_ENCODING = "bad_query_encoding"  # query not UTF-8 / not valid Unicode
+BAD_ENCODING = "bad_encoding"  # any other string column (ids, scenario, surface, device) not UTF-8 / valid Unicode
 DUPLICATE_EVENT = "duplicate_event"
 REASONS = (MISSING_FIELD, BAD_ID, BAD_TIMESTAMP, TIMESTAMP_OUT_OF_RANGE, UNKNOWN_SCENARIO, BAD_WATCH_TIME,
-           BAD_DURATION, BAD_FIELD, BAD_EMBEDDING, EMPTY_QUERY, QUERY_TOO_LONG, BAD_QUERY_ENCODING, DUPLICATE_EVENT)
+           BAD_DURATION, BAD_FIELD, BAD_EMBEDDING, EMPTY_QUERY, QUERY_TOO_LONG, BAD_QUERY_ENCODING, BAD_ENCODING,
+           DUPLICATE_EVENT)
 
 MAX_CATEGORY_CHARS = 64
 
@@ -64,14 +74,40 @@ def _required(row: Dict[str, Any], name: str) -> Any:
     return value
 
 
+# Characters that show nothing: controls (Cc), format characters (Cf: zero-width spaces and joiners, BOM, bidi
+# marks, soft hyphen) and separators (Zs, Zl, Zp). A value made only of these (and whitespace) is empty.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` has no visible character (only whitespace, controls, format characters, separators)."""
+    return all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE_CATEGORIES for ch in text)
+
+
+def _as_text(value: Any, name: str, reason: str) -> Any:
+    """A string column's value as text: UTF-8 bytes are decoded; bytes that are not UTF-8, and strings that cannot
+    be encoded as UTF-8 (lone surrogates), are rejected with ``reason``. Other types pass through unchanged."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _Reject(reason, f"{name} is not UTF-8: {err}")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise _Reject(reason, f"{name} is not valid Unicode: {err}")
+    return value
+
+
 def _clean_id(row: Dict[str, Any], name: str) -> str:
-    value = _required(row, name)
+    value = _as_text(_required(row, name), name, BAD_ENCODING)
     # Integer ids (e.g. from an upstream system keyed by numbers) are accepted and normalised to strings.
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = str(int(value))
     if not isinstance(value, str):
         raise _Reject(BAD_ID, f"{name} has type {type(value).__name__}")
-    if not value.strip():
+    if is_blank(value):
         raise _Reject(MISSING_FIELD, f"{name} is empty")
     if len(value) > schemas.MAX_ID_CHARS:
         raise _Reject(BAD_ID, f"{name} is {len(value)} chars, over {schemas.MAX_ID_CHARS}")
@@ -109,8 +145,8 @@ def _clean_timestamp(row: Dict[str, Any], name: str, partition_date: dt.date) ->
 
 
 def _clean_scenario(row: Dict[str, Any]) -> str:
-    value = _required(row, "scenario")
-    if value not in schemas.SCENARIOS:
+    value = _as_text(_required(row, "scenario"), "scenario", BAD_ENCODING)
+    if not isinstance(value, str) or value not in schemas.SCENARIOS:
         raise _Reject(UNKNOWN_SCENARIO, f"scenario={value!r}")
     return value
 
@@ -131,7 +167,8 @@ def _clean_category(row: Dict[str, Any], name: str, default: str) -> str:
     value = row.get(name)
     if value is None:
         return default
-    if not isinstance(value, str) or not value or len(value) > MAX_CATEGORY_CHARS:
+    value = _as_text(value, name, BAD_ENCODING)
+    if not isinstance(value, str) or is_blank(value) or len(value) > MAX_CATEGORY_CHARS:
         raise _Reject(BAD_FIELD, f"{name}={value!r}")
     return value
 
@@ -146,20 +183,12 @@ def _clean_flag(row: Dict[str, Any], name: str) -> bool:
 
 
 def _clean_query(row: Dict[str, Any]) -> str:
-    value = _required(row, "query")
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise _Reject(BAD_QUERY_ENCODING, f"query is not UTF-8: {err}")
+    value = _as_text(_required(row, "query"), "query", BAD_QUERY_ENCODING)
     if not isinstance(value, str):
         raise _Reject(BAD_FIELD, f"query has type {type(value).__name__}")
-    try:
-        value.encode("utf-8")  # lone surrogates survive decoding with some readers
-    except UnicodeEncodeError as err:
-        raise _Reject(BAD_QUERY_ENCODING, f"query is not valid Unicode: {err}")
-    if not value.strip():
-        raise _Reject(EMPTY_QUERY, "query is empty")
+    if is_blank(value):  # e.g. only zero-width spaces or control characters; an accepted query is kept as it came
+        raise _Reject(EMPTY_QUERY, "query is empty" if not value else
+                      f"query has no visible character ({len(value)} invisible or blank chars)")
     if len(value) > schemas.MAX_QUERY_CHARS:
         raise _Reject(QUERY_TOO_LONG, f"query is {len(value)} chars, over {schemas.MAX_QUERY_CHARS}")
     return value
@@ -254,8 +283,24 @@ def _json_default(value: Any):
 
 
 def row_to_json(row: Any) -> str:
-    """The row as it came, losslessly enough to replay it: NaN stays NaN, bytes become base64, times ISO-8601."""
-    return json.dumps(row, default=_json_default, sort_keys=True, ensure_ascii=False)
+    """The row as it came, losslessly enough to replay it: NaN stays NaN, bytes become base64, times ISO-8601.
+
+    Always valid UTF-8: text that cannot be encoded (lone surrogates) is written as JSON ``\\uXXXX`` escapes, which
+    ``json.loads`` turns back into the same string.
+    """
+    if isinstance(row, dict) and not all(isinstance(k, str) for k in row):
+        row = {k if isinstance(k, str) else repr(k): val for k, val in row.items()}  # JSON keys are strings
+    text = json.dumps(row, default=_json_default, sort_keys=True, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(row, default=_json_default, sort_keys=True, ensure_ascii=True)
+    return text
+
+
+def _utf8_safe(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (lone surrogates) written as a backslash escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def canonical_order_key(clean_row: Dict[str, Any]) -> str:
@@ -267,7 +312,7 @@ def dead_letter_row(table: str, partition_date: dt.date, raw_row: Any, rejection
     return {
         "table": table,
         "reason": rejection.reason,
-        "detail": rejection.detail,
+        "detail": _utf8_safe(rejection.detail),
         "raw_row": row_to_json(raw_row),
         "partition_date": partition_date.isoformat(),
     }

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -178,7 +179,7 @@ def nominal_peak(device) -> float:
 # One preset.
 # ---------------------------------------------------------------------------------------------------------------
 def bench_preset(preset: str, batch_size: int, steps: int, examples_dir, yardstick: Yardstick, dtype: str = "auto",
-                 attention: str = "auto", devices: int = 1) -> dict:
+                 attention: str = "auto", devices: int = 1, overrides: Optional[dict] = None) -> dict:
     count = min(steps + 1, 8)
     if examples_dir:
         layout, spec, raw = real_batches(examples_dir, batch_size, count)
@@ -186,7 +187,7 @@ def bench_preset(preset: str, batch_size: int, steps: int, examples_dir, yardsti
         layout, spec, raw = synthetic_batches(batch_size, count)
     platform = jax.default_backend()
     dtype = default_compute_dtype(PRESETS[preset]["dtype"], platform) if dtype == "auto" else dtype
-    config = ModelConfig.from_layout(layout, spec, preset, dtype=dtype)
+    config = ModelConfig.from_layout(layout, spec, preset, **{"dtype": dtype, **(overrides or {})})
     sharding = train_lib.TrainSharding(train_lib.make_mesh(devices, batch_size))
     inputs = [sharding.put_batch(model_inputs(batch, config)) for batch in raw]
     real_tokens = [int(np.count_nonzero(batch["tokens"])) for batch in inputs]
@@ -313,6 +314,7 @@ def main() -> int:
                         help="comma-separated attention implementations to time side by side (auto, reference, "
                              "chunked, xla); FLOPs are counted the same way for all")
     parser.add_argument("--devices", type=int, default=1, help="devices of the data-parallel mesh per preset")
+    parser.add_argument("--model-overrides", default=None, help='JSON of ModelConfig fields, e.g. \'{"dropout": 0}\'')
     parser.add_argument("--scaling", action="store_true", help="also time tiny on 1/2/4 fake CPU devices")
     parser.add_argument("--scaling-preset", default="tiny")
     parser.add_argument("--end-to-end", action="store_true", help="also time train() on the examples (tiny)")
@@ -336,7 +338,8 @@ def main() -> int:
         for attention in [a.strip() for a in args.attention.split(",") if a.strip()]:
             rows.append(bench_preset(preset, args.batch_size or DEFAULT_BATCH[kind].get(preset, 8),
                                      args.steps or DEFAULT_STEPS[kind].get(preset, 5), examples, yardstick,
-                                     args.dtype, attention, args.devices))
+                                     args.dtype, attention, args.devices,
+                                     json.loads(args.model_overrides) if args.model_overrides else None))
             print(f"  {preset} (attention {attention}): done", flush=True)
     scaled = None
     if args.scaling:

@@ -359,12 +359,12 @@ def test_bfloat16_compute_gives_finite_float32_loss(examples, batch):
     assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
 
 
-def test_mixed_precision_training_tracks_float32(examples):
+def test_mixed_precision_training_tracks_float32(examples, batch):
     """bfloat16 compute (float32 parameters, optimizer state, logits and loss) follows the float32 loss curve: 4
-    steps on the same batches and dropout keys stay within rtol 5e-3 (measured: <= 5e-4)."""
+    steps on the same batches stay within rtol 5e-3 (measured: <= 5e-4). Without dropout: it compiles 3x faster."""
     from tokenminds_model.data import numpy_batches
 
-    config = examples["config"]
+    config = examples["config"].replace(dropout=0.0)
     raw = numpy_batches(examples["dirs"][:1], TRAIN_ARGS["batch_size"], seed=None, repeat=True)
     batches = [model_inputs(next(raw), config) for _ in range(4)]
     tc = train_lib.TrainConfig(learning_rate=TRAIN_ARGS["learning_rate"])
@@ -372,12 +372,14 @@ def test_mixed_precision_training_tracks_float32(examples):
     curves = {}
     for dtype in ("float32", "bfloat16"):
         mixed = config.replace(dtype=dtype)
-        params = jax.device_put(model_functions(mixed).init(jax.random.key(0)), sharding.replicated)
-        opt_state = train_lib.make_optimizer(tc).init(params)
+        # The same float32 initial parameters for both (parameters do not depend on the compute dtype).
+        params = jax.device_put(jax.tree.map(np.array, batch[1]), sharding.replicated)  # a copy: steps donate
+        # Placed as the trainer places it (the step's outputs keep these shardings: no second compilation).
+        opt_state = jax.device_put(train_lib.make_optimizer(tc).init(params), sharding.replicated)
         step = train_lib.train_step_for(mixed, tc, 0, sharding)
         curves[dtype] = []
         for index, inputs in enumerate(batches):
-            params, opt_state, metrics = step(params, opt_state, sharding.put_batch(inputs), jax.random.key(index))
+            params, opt_state, metrics = step(params, opt_state, sharding.put_batch(inputs), None)
             assert metrics["loss"].dtype == jnp.float32
             curves[dtype].append(float(metrics["loss"]))
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves((params, opt_state))
@@ -423,6 +425,14 @@ def test_attention_implementations_agree(monkeypatch, with_dropout):
     assert np.isfinite(np.asarray(reference)).all()  # the fully padded row: a uniform average, not NaN
     if with_dropout:
         assert abs(float(jnp.mean(keep)) - keep_prob) < 0.02 and keep_prob == 192 / 256
+        # Masks drawn from a key inside the chunked loop: the reference given the same (rebuilt) mask agrees.
+        rng = jax.random.key(2)
+        rebuilt = attention_lib.chunked_keep_mask(rng, (batch, heads, length, length), 0.25)
+        drawn = attention_lib.attention(q, k, v, key_mask=key_mask, dropout_rng=rng, dropout_rate=0.25,
+                                        implementation="chunked")
+        given = attention_lib.attention(q, k, v, key_mask=key_mask, keep=rebuilt, keep_prob=keep_prob,
+                                        implementation="reference")
+        np.testing.assert_allclose(drawn, given, rtol=1e-5, atol=1e-5)
     assert attention_lib.choose_implementation("auto", 1024, 1024, False, False, "cpu") == "chunked"
     assert attention_lib.choose_implementation("auto", 1024, 1024, False, False, "gpu") == "xla"
     assert attention_lib.choose_implementation("auto", 16, 17, True, True, "gpu") == "reference"

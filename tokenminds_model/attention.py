@@ -1,29 +1,35 @@
 """Multi-head dot-product attention and dropout for the user model, with one implementation per platform.
 
-``attention(q, k, v, key_mask=..., mask=..., keep=...)`` takes ``q [B, Tq, H, D]``, ``k, v [B, Tk, H, D]`` (the
-layout of ``jax.nn.dot_product_attention``), a key padding mask ``bool[B, Tk]`` and/or a mask broadcastable to
-``[B, 1, Tq, Tk]`` (causal, block-diagonal), and optionally a dropout keep mask on the attention weights. Logits,
-softmax and the row sums are float32 whatever the input dtype (bfloat16 under mixed precision). Implementations:
+``attention(q, k, v, key_mask=..., mask=..., dropout_rng=..., dropout_rate=...)`` takes ``q [B, Tq, H, D]``,
+``k, v [B, Tk, H, D]`` (the layout of ``jax.nn.dot_product_attention``), a key padding mask ``bool[B, Tk]`` and/or a
+mask broadcastable to ``[B, 1, Tq, Tk]`` (causal, block-diagonal), and optionally dropout on the attention weights
+(a key and a rate, or an explicit keep mask). Logits, softmax and the row sums are float32 whatever the input dtype
+(bfloat16 under mixed precision). Implementations:
 
 - ``"xla"``: ``jax.nn.dot_product_attention`` (XLA's fused attention; on accelerators, where it is the fast path).
-  It has no attention-weight dropout, so it is used when no keep mask is given.
+  It has no attention-weight dropout, so it is used without dropout.
 - ``"chunked"``: a flash-attention-style ``custom_vjp`` for CPUs: a ``lax.scan`` over (head, query block) chunks
   whose ``[B, q_block, Tk]`` logits stay in cache (about 2 MiB), the softmax is normalised on the ``[Tq, D]`` output
-  instead of the ``[Tq, Tk]`` weights, and the backward pass recomputes each chunk's weights from the saved
-  log-sum-exp instead of storing ``[B, H, Tq, Tk]`` probabilities. On 2 CPU cores it trains the ``base`` encoder's
-  attention about 2x faster than XLA's materialised softmax (``bench/model_training.py``). Batch stays a vector
-  dimension of every chunk, so a data-sharded batch partitions across devices. Key padding only (no ``mask``).
+  instead of the ``[Tq, Tk]`` weights, the backward pass recomputes each chunk's weights from the saved
+  log-sum-exp instead of storing ``[B, H, Tq, Tk]`` probabilities (and works in the transposed orientation, where
+  three of its four products are plain matrix products), and dropout masks are drawn chunk by chunk inside the loop
+  (the same ones again in the backward pass). On 2 CPU cores it trains the ``base`` encoder's attention about 2x
+  faster than XLA's materialised softmax (``bench/model_training.py --attention auto,reference``). Batch stays a
+  vector dimension of every chunk, so a data-sharded batch partitions across devices. Key padding only.
 - ``"reference"``: the materialised softmax (what flax's ``MultiHeadDotProductAttention`` computes), used for
   attention-weight dropout on accelerators and for short sequences.
 
-``"auto"`` (default): ``chunked`` on CPU for encoder-sized attention (``Tq * Tk >= 2**14`` and no ``mask``),
+``"auto"`` (default): ``chunked`` on CPU for encoder-sized attention (``Tq >= 64``, ``Tq * Tk >= 2**14``, no ``mask``),
 otherwise ``xla`` without dropout and ``reference`` with it. Every implementation gives the same outputs and
 gradients up to float rounding (``tests/test_model.py``).
 
-Dropout keep masks are drawn 8 bits per element (``jax.random.bits`` as uint32 words split into bytes, a quarter of
-the threefry work of ``jax.random.bernoulli``): the keep probability is ``round(256 * (1 - rate)) / 256`` (0.8984 for
-rate 0.1) and kept values are scaled by its inverse, so the expectation is exact. The bits depend only on the key and
-the shape, never on how the batch is sharded.
+Dropout keep masks are drawn 8 bits per element from a counter-based hash (:func:`random_words`: two MurmurHash3
+finalisers of each element's index, seeded by the dropout key; about a fortieth of the work of
+``jax.random.bernoulli``'s threefry per element, which made dropout cost as much as the model's matmuls on CPU): the
+keep probability is ``round(256 * (1 - rate)) / 256`` (0.8984 for rate 0.1) and kept values are scaled by its
+inverse, so the expectation is exact. The bits depend only on the key and
+the shape (and, for attention weights, the implementation: :func:`chunked_keep_mask` rebuilds the chunked kernel's
+mask), never on how the batch is sharded.
 
 Pure JAX: no Flax, Beam or TensorFlow.
 """
@@ -44,8 +50,9 @@ MASKED = -1e30
 # Elements of one chunk's [B, q_block, Tk] logits that the chunked implementation aims at (2 MiB in float32).
 CHUNK_ELEMENTS = 2 ** 19
 MIN_QUERY_BLOCK = 64
-# The chunked implementation is used on CPU from this many (query, key) pairs per head on.
+# The chunked implementation is used on CPU from this many (query, key) pairs per head and queries on.
 CHUNKED_MIN_PAIRS = 2 ** 14
+CHUNKED_MIN_QUERIES = 64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,13 +68,44 @@ def keep_probability(rate: float) -> float:
     return keep_threshold(rate) / 256.0
 
 
+def _key_data(rng: jax.Array) -> jax.Array:
+    """uint32 key data of a typed or raw PRNG key."""
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(rng)
+    return rng
+
+
+def _fmix32(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
+    x = x ^ (x >> jnp.uint32(16))
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> jnp.uint32(13))
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> jnp.uint32(16))
+
+
+def random_words(rng: jax.Array, shape: Tuple[int, ...]) -> jax.Array:
+    """uint32 pseudo-random words of ``shape`` for dropout masks: a counter-based hash (two MurmurHash3 finalisers)
+    of each element's flat index, seeded by the key's data. A tenth of threefry's work per word; the words depend
+    only on the key and the shape (index iotas partition with any sharding). Indices wrap at 2**32 elements."""
+    shape = tuple(int(s) for s in shape)
+    seed = _key_data(rng).reshape(-1).astype(jnp.uint32)
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2 ** 32)
+        stride *= shape[axis]
+    mixed = _fmix32(index * jnp.uint32(0x9E3779B9) + seed[0])
+    return _fmix32(mixed ^ seed[1])
+
+
 def random_bytes(rng: jax.Array, shape: Tuple[int, ...]) -> jax.Array:
-    """uint8 random bytes of ``shape``: ``jax.random.bits`` uint32 words split into 4 bytes each."""
+    """uint8 random bytes of ``shape``: :func:`random_words` split into 4 bytes each."""
     shape = tuple(int(s) for s in shape)
     if not shape:
-        return jax.lax.bitcast_convert_type(jax.random.bits(rng, (), jnp.uint32), jnp.uint8)[0]
+        return (random_words(rng, ()) & jnp.uint32(0xFF)).astype(jnp.uint8)
     last = shape[-1]
-    words = jax.random.bits(rng, shape[:-1] + (-(-last // 4),), jnp.uint32)
+    words = random_words(rng, shape[:-1] + (-(-last // 4),))
     # Byte j of word i is element j * words + i of the last axis (any fixed assignment will do).
     data = jnp.concatenate([(words >> jnp.uint32(8 * j)).astype(jnp.uint8) for j in range(4)], axis=-1)
     return data[..., :last]
@@ -132,7 +170,7 @@ def choose_implementation(implementation: str, q_len: int, k_len: int, has_mask:
     if implementation != "auto":
         return implementation
     platform = platform or jax.default_backend()
-    if platform == "cpu" and not has_mask and q_len * k_len >= CHUNKED_MIN_PAIRS:
+    if platform == "cpu" and not has_mask and q_len >= CHUNKED_MIN_QUERIES and q_len * k_len >= CHUNKED_MIN_PAIRS:
         return "chunked"
     return "reference" if has_dropout else "xla"
 
@@ -210,16 +248,11 @@ def query_block(batch: int, q_len: int, k_len: int) -> int:
     return best
 
 
-def _key_data(rng: jax.Array) -> jax.Array:
-    """uint32 key data of a typed or raw PRNG key."""
-    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(rng)
-    return rng
-
-
 def _chunk_keep(seed: jax.Array, index: jax.Array, shape: Tuple[int, ...], threshold: int) -> jax.Array:
     """The chunked kernel's keep mask of chunk ``index`` (``[B, block, Tk]``)."""
-    data = random_bytes(jax.random.fold_in(seed, index), shape)
+    index = jnp.asarray(index).astype(jnp.uint32)
+    chunk_seed = jnp.stack([_fmix32(seed[0] ^ _fmix32(index + jnp.uint32(0x632BE5AB))), seed[1]])
+    data = random_bytes(chunk_seed, shape)
     return jnp.ones(shape, bool) if threshold >= 256 else data < jnp.uint8(threshold)
 
 
@@ -241,7 +274,8 @@ def _chunked(q, k, v, bias, keep, keep_prob, seed=None, threshold=256):
     k_len = k.shape[1]
     block = query_block(batch, q_len, k_len)
     blocks = q_len // block
-    scale = 1.0 / math.sqrt(depth)
+    # The softmax scale is applied to q here (autodiff carries it to dq), not to every chunk's logits.
+    q = q * jnp.asarray(1.0 / math.sqrt(depth), q.dtype)
     # [B, Tq, H, D] -> [H * blocks, B, block, D]; keys/values [H, B, Tk, D]; keep [H * blocks, B, block, Tk].
     qs = (q.reshape(batch, blocks, block, heads, depth).transpose(3, 1, 0, 2, 4)
           .reshape(heads * blocks, batch, block, depth))
@@ -255,13 +289,13 @@ def _chunked(q, k, v, bias, keep, keep_prob, seed=None, threshold=256):
               jnp.swapaxes(chunks, -1, -2).reshape(heads * blocks, batch, k_len, block))
     if seed is not None:
         ks = seed                                                                # masks drawn per chunk
-    out = _flash(qs, kh, vh, bias, ks, scale, keep_prob, blocks, int(threshold))
+    out = _flash(qs, kh, vh, bias, ks, keep_prob, blocks, int(threshold))
     return (out.reshape(heads, blocks, batch, block, depth).transpose(2, 1, 3, 0, 4)
             .reshape(batch, q_len, heads, depth))
 
 
-def _chunk_logits(q, k, bias, scale):
-    return jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32) * scale + bias
+def _chunk_logits(q, k, bias):
+    return jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32) + bias
 
 
 def _forward_keep(keep, index, shape, threshold):
@@ -282,17 +316,18 @@ def _backward_keep(keep, index, shape, threshold):
     return jnp.swapaxes(_chunk_keep(keep, index, shape, threshold), 1, 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _flash(qs, kh, vh, bias, keep, scale, keep_prob, blocks, threshold):
-    return _flash_fwd(qs, kh, vh, bias, keep, scale, keep_prob, blocks, threshold)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(qs, kh, vh, bias, keep, keep_prob, blocks, threshold):
+    """Attention of pre-scaled query chunks ``qs`` against keys/values per head (see ``_chunked``)."""
+    return _flash_fwd(qs, kh, vh, bias, keep, keep_prob, blocks, threshold)[0]
 
 
-def _flash_fwd(qs, kh, vh, bias, keep, scale, keep_prob, blocks, threshold):
+def _flash_fwd(qs, kh, vh, bias, keep, keep_prob, blocks, threshold):
     chunk_shape = qs.shape[1:3] + (kh.shape[2],)                                # [B, block, Tk]
 
     def body(_, index):
         head = index // blocks
-        logits = _chunk_logits(qs[index], kh[head], bias, scale)
+        logits = _chunk_logits(qs[index], kh[head], bias)
         peak = jnp.max(logits, axis=-1, keepdims=True)
         weights = jnp.exp(logits - peak)                                    # unnormalised
         total = jnp.sum(weights, axis=-1, keepdims=True)
@@ -305,7 +340,7 @@ def _flash_fwd(qs, kh, vh, bias, keep, scale, keep_prob, blocks, threshold):
     return out, (qs, kh, vh, bias, keep, out, lse)
 
 
-def _flash_bwd(scale, keep_prob, blocks, threshold, residuals, d_out):
+def _flash_bwd(keep_prob, blocks, threshold, residuals, d_out):
     qs, kh, vh, bias, keep, out, lse = residuals
     chunk_shape = qs.shape[1:3] + (kh.shape[2],)
     # Worked in the transposed [B, Tk, q_block] orientation, so that three of the four products are plain
@@ -316,7 +351,7 @@ def _flash_bwd(scale, keep_prob, blocks, threshold, residuals, d_out):
         dk, dv = carry
         head = index // blocks
         q, k, v = qs[index], kh[head], vh[head]
-        logits_t = jnp.einsum("bkd,bqd->bkq", k, q, preferred_element_type=jnp.float32) * scale + bias_t
+        logits_t = jnp.einsum("bkd,bqd->bkq", k, q, preferred_element_type=jnp.float32) + bias_t
         probs_t = jnp.exp(logits_t - jnp.swapaxes(lse[index], 1, 2))            # normalised weights, recomputed
         d_o = d_out[index].astype(jnp.float32)
         keep_t = _backward_keep(keep, index, chunk_shape, threshold)
@@ -326,7 +361,7 @@ def _flash_bwd(scale, keep_prob, blocks, threshold, residuals, d_out):
         d_probs_t = d_dropped_t if keep_t is None else jnp.where(keep_t, d_dropped_t * (1.0 / keep_prob), 0.0)
         # softmax backward: d logits = p * (dp - sum_k p dp), and sum_k p dp = sum_d o * do.
         delta_t = jnp.swapaxes(jnp.sum(d_o * out[index].astype(jnp.float32), axis=-1, keepdims=True), 1, 2)
-        d_logits_t = probs_t * (d_probs_t - delta_t) * scale
+        d_logits_t = probs_t * (d_probs_t - delta_t)
         dk_head = jnp.einsum("bkq,bqd->bkd", d_logits_t, q.astype(jnp.float32))
         dq = jnp.einsum("bkq,bkd->bqd", d_logits_t, k.astype(jnp.float32))
         return (dk.at[head].add(dk_head), dv.at[head].add(dv_head)), dq
@@ -340,4 +375,4 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 __all__ = ["IMPLEMENTATIONS", "attention", "choose_implementation", "dropout", "dropout_keep", "keep_probability",
-           "keep_threshold", "chunked_keep_mask", "query_block", "random_bytes", "use_implementation"]
+           "keep_threshold", "chunked_keep_mask", "query_block", "random_bytes", "random_words", "use_implementation"]

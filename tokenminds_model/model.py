@@ -36,6 +36,16 @@ Softmax: over the full vocabulary (the model must learn that position l emits a 
 learn and keeps the logits usable for any id). ``tokenminds_model.decoding`` renormalises over the level's own
 range at inference.
 
+Attention (:class:`Attention`, with the parameters of flax's ``MultiHeadDotProductAttention``) is computed by
+``tokenminds_model.attention``: ``jax.nn.dot_product_attention`` with padding masks on accelerators, a flash-style
+chunked kernel on CPU. Precision: parameters are float32; ``ModelConfig.dtype`` is the compute dtype (bfloat16 for
+mixed precision, see :func:`default_compute_dtype`), while attention logits and softmaxes, the output logits
+(projected in float32) and the loss stay float32.
+
+Inference decoding is incremental (:meth:`TokenMindsModel.decode_start` / :meth:`TokenMindsModel.decode_step`,
+``ModelFunctions.incremental_decoder``): the memory and every decoder layer's cross-attention keys/values once per
+user, the decoder self-attention keys/values cached per beam row, logits only for the newest position.
+
 Shapes are static: ``tokens`` is ``[B, max_tokens]``; longer stored histories are cut to their most recent whole
 events by :func:`fit_history` (the ``tiny`` preset uses 256 tokens so that it trains on CPU).
 

@@ -23,6 +23,13 @@ every batch has the same static shape and the step compiles once), repeated as n
 ``--seed`` (``--no_shuffle``: shards sorted, records in file order), and ``--skip_batches`` skips batches already
 consumed, so an interrupted run can be resumed exactly. Dropout keys are ``fold_in(seed, global_step)``, so resuming reproduces them.
 
+Devices and precision: the step runs on a data-parallel ``jax.sharding.Mesh`` of the host's devices (``--devices``,
+default every local device that divides the batch), the batch sharded on the ``data`` axis, parameters and optimizer
+state replicated or, with ``--param_sharding=fsdp``, sharded too (:class:`TrainSharding`); results do not depend on
+the device count, and checkpoints (host arrays) resume on any mesh. ``--compute_dtype=auto`` computes in the preset's
+dtype on accelerators (bfloat16 for ``base`` and ``large``) and in float32 on CPU; parameters, optimizer state and
+loss are float32 either way.
+
 Output (see ``tokenminds_model.model_checkpoints``): ``<output>/model_config.json`` (config, vocabulary manifest,
 feature spec, version = content hash, parent version, training days, run history), ``params/``, ``train_state/``
 (orbax, no pickle), ``<output>/tensorboard`` (loss, accuracy, learning rate, gradient norm, examples/s, tokens/s),
@@ -249,6 +256,17 @@ class TrainSharding:
 
     def put_batch(self, inputs: Mapping[str, np.ndarray]) -> Dict[str, jax.Array]:
         return jax.device_put(dict(inputs), self.batch)
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_init(config: ModelConfig, sharding: TrainSharding):
+    """Jitted ``(init params, init optimizer state)`` placing their outputs with ``sharding`` (compiled once per
+    config and mesh; Adam's initial state does not depend on the hyper-parameters)."""
+    fns = model_functions(config)
+    param_shardings = sharding.tree(fns.param_shapes())
+    opt_shardings = sharding.tree(opt_state_shapes(fns.param_shapes()))
+    return (jax.jit(fns._init, out_shardings=param_shardings),
+            jax.jit(make_optimizer(TrainConfig()).init, out_shardings=opt_shardings))
 
 
 @functools.lru_cache(maxsize=16)
@@ -520,8 +538,9 @@ def train(example_dirs: Sequence[str], output: str, init_from: Optional[str] = N
     param_shardings = sharding.tree(fns.param_shapes())
     opt_shardings = sharding.tree(opt_state_shapes(fns.param_shapes()))
     if params is None:  # initialised in place (sharded already under fsdp); the values do not depend on the mesh
-        params = jax.jit(fns._init, out_shardings=param_shardings)(jax.random.key(tc.seed))
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+        init_params, init_opt_state = _sharded_init(config, sharding)
+        params = init_params(jax.random.key(tc.seed))
+        opt_state = init_opt_state(params)
     # A restored checkpoint is host arrays: placed with this run's shardings, whatever mesh wrote it.
     params, opt_state = jax.device_put(params, param_shardings), jax.device_put(opt_state, opt_shardings)
     # Everything (TensorBoard events, checkpoint, _SUCCESS) goes to a staging directory beside the output, which

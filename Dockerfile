@@ -11,6 +11,7 @@ RUN pip install --no-cache-dir -r requirements.txt
 # The project's own packages, so workers need no --setup_file staging either.
 COPY pipelines ./pipelines
 COPY transforms ./transforms
+COPY data_sources ./data_sources
 COPY tokenminds_model ./tokenminds_model
 RUN pip install --no-cache-dir --no-deps .
 

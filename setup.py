@@ -1,7 +1,8 @@
 """Packaging for Dataflow workers: ``--setup_file ./setup.py`` ships these packages to every worker.
 
-Workers need the same code the driver imports (pipelines, transforms, tokenminds_model). Heavy dependencies are
-better baked into the worker container (see Dockerfile); ``install_requires`` keeps a plain worker working too.
+Workers need the same code the driver imports (pipelines, transforms, data_sources, tokenminds_model). Heavy
+dependencies are better baked into the worker container (see Dockerfile); ``install_requires`` keeps a plain worker
+working too.
 """
 import setuptools
 
@@ -26,6 +27,7 @@ setuptools.setup(
     version="0.1.0",
     description="TokenMinds: Semantic-ID user tokens and embeddings, built with Apache Beam and JAX.",
     packages=setuptools.find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*",
+                                               "data_sources", "data_sources.*",
                                                "tokenminds_model", "tokenminds_model.*"]),
     install_requires=REQUIRED,
     python_requires=">=3.11,<3.12",

@@ -47,18 +47,28 @@ class JobFailed(RuntimeError):
 
 
 def run_job(module: str, *args: str, poll_s: float = 0.1, timeout_s: Optional[float] = None,
-            extra_env: Optional[Dict[str, str]] = None) -> Dict[str, float]:
+            extra_env: Optional[Dict[str, str]] = None, tree: Optional[str] = None) -> Dict[str, float]:
     """Runs ``module`` (a ``python -m`` entry point) with ``args`` in a measured subprocess; see the module doc.
-    The result's ``log`` holds the job's stdout and stderr (SDK worker processes write theirs there too)."""
+    The result's ``log`` holds the job's stdout and stderr (SDK worker processes write theirs there too).
+
+    ``tree``: another checkout of this project (e.g. an older commit, for a before/after comparison): the job runs
+    with that directory as working directory and ``PYTHONPATH``, so ``module`` and everything it imports come from
+    there; the wrapper is this file, run by path. ``module`` may also be the path of a ``.py`` file (run with
+    ``runpy.run_path``), e.g. ``bench/_gc_probe.py``, which then runs the job module named in ``args``."""
     import psutil
 
+    root_dir = Path(tree).resolve() if tree else REPO
     with tempfile.TemporaryDirectory(prefix="bench_job_") as scratch:
         timings_path = os.path.join(scratch, "timings.json")
         log_path = os.path.join(scratch, "log.txt")
-        command = [PYTHON, "-m", "bench.common", module, timings_path, *args]
+        if tree:
+            command = [PYTHON, str(Path(__file__).resolve()), module, timings_path, *args]
+        else:
+            command = [PYTHON, "-m", "bench.common", module, timings_path, *args]
+        env = {**child_env(), "PYTHONPATH": str(root_dir), **(extra_env or {})}
         with open(log_path, "w") as log:
             started = time.perf_counter()
-            process = subprocess.Popen(command, cwd=REPO, env={**child_env(), **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(command, cwd=root_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
             root = psutil.Process(process.pid)
             peak_tree, cpu_by_pid, hwm_by_pid, command_by_pid, status, usage = 0, {}, {}, {}, None, None
             while True:
@@ -144,7 +154,10 @@ def _child(module: str, timings_path: str, argv: List[str]) -> None:
     sys.argv = [module, *argv]
     code = 0
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if module.endswith(".py"):
+            runpy.run_path(module, run_name="__main__")
+        else:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     if "returned" not in marks:
@@ -190,6 +203,8 @@ def _jsonable(value):
 
 if __name__ == "__main__":
     _STARTED = time.perf_counter()
+    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+        sys.path.pop(0)  # run by path (run_job's ``tree``): bench/ itself must not shadow top-level modules
     _child(sys.argv[1], sys.argv[2], sys.argv[3:])
 
 

@@ -24,7 +24,7 @@ import json
 from typing import List, Optional
 
 import apache_beam as beam
-from apache_beam.io.parquetio import ReadFromParquet
+from apache_beam.io.parquetio import ReadFromParquetBatched
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import daily_plan
@@ -135,16 +135,17 @@ def build_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: Bui
                                            day_start_us=schemas.to_epoch_us(start), day_end_us=schemas.to_epoch_us(end),
                                            date=day)
 
-    # 1. Read the three snapshots (the day before is optional: a first day has no history before it).
+    # 1. Read the three snapshots as Arrow tables (the day before is optional: a first day has no history).
     snapshots = []
     for label, snapshot_day in zip(("Before", "Day", "After"), snapshot_days):
         directory = snapshot_dir(output_root, snapshot_day)
         if outputs.success_marker_exists(directory):
-            snapshots.append(pipeline | f"Read{label}" >> ReadFromParquet(outputs.join(directory, "*.parquet")))
+            snapshots.append(pipeline | f"Read{label}" >> ReadFromParquetBatched(
+                outputs.join(directory, "*.parquet"), columns=["user_id", "watches", "searches"]))
         else:
             snapshots.append(pipeline | f"No{label}" >> beam.Create([]))
 
-    # 2. Build examples per active user.
+    # 2. Build examples of the users active on D, in columnar batches.
     built = tuple(snapshots) | "BuildExamples" >> examples.BuildExamples(context)
 
     # 3. Write shards and dead letters, then stats.json and _SUCCESS.

@@ -66,7 +66,7 @@ import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 VERBOSE_FLAG = "--verbose"
-PROJECT_LOGGERS = ("pipelines", "transforms", "tokenminds_model")
+PROJECT_LOGGERS = ("pipelines", "transforms", "data_sources", "tokenminds_model")
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 # Environment defaults at the default verbosity, applied with setdefault before TensorFlow or JAX is imported.

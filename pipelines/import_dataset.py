@@ -6,7 +6,7 @@
         --last_days=30
 
 A plain bulk conversion, not a Beam pipeline: the source files are read and converted in memory with pyarrow and
-NumPy (see ``transforms/dataset_import.py`` for the mapping) and written as
+NumPy (see ``data_sources/dataset_import.py`` for the mapping) and written as
 ``<output_root>/{watch_events,search_events,videos}/date=YYYY-MM-DD/part-00000.parquet`` and its landing marker
 ``_SUCCESS`` (every day of the range, empty days included; the daily DAG's first sensor waits for the markers), ``<output_root>/_catalog/items.parquet`` and ``<output_root>/_dataset.json``. Rerunning with the same
 options gives identical files, replacing the old ones. Run the pipelines on it with ``--input_root=<output_root>
@@ -18,8 +18,8 @@ import argparse
 import time
 from typing import List, Optional
 
+from data_sources.dataset_import import ImportConfig, import_dataset, write_imported_dataset
 from transforms import schemas
-from transforms.dataset_import import ImportConfig, import_dataset, write_imported_dataset
 
 
 def _date(value: str) -> str:

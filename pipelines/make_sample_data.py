@@ -2,7 +2,7 @@
 
     python -m pipelines.make_sample_data --output_root=/tmp/tokenminds_sample --users=2000 --days=8 --seed=0
 
-A plain generator, not a Beam pipeline: the data is drawn in memory with NumPy (see ``transforms/sample_data.py``)
+A plain generator, not a Beam pipeline: the data is drawn in memory with NumPy (see ``data_sources/sample_data.py``)
 and written as ``<output_root>/<table>/date=YYYY-MM-DD/part-00000.parquet`` followed by that partition's landing
 marker ``_SUCCESS`` (what the daily DAG's first sensor waits for), ``<output_root>/_truth/`` and
 ``<output_root>/_dataset.json``. Rerunning with the same options gives identical files, replacing the old ones.
@@ -13,8 +13,8 @@ import argparse
 import time
 from typing import List, Optional
 
+from data_sources.sample_data import SampleDataConfig, generate_sample_dataset, write_sample_dataset
 from transforms import schemas
-from transforms.sample_data import SampleDataConfig, generate_sample_dataset, write_sample_dataset
 
 _DEFAULTS = SampleDataConfig()
 
@@ -32,6 +32,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lfv_videos", type=int, default=_DEFAULTS.lfv_videos,
                         help="LFV catalog on the start date (at least one video per sub-topic)")
     parser.add_argument("--sfv_videos", type=int, default=_DEFAULTS.sfv_videos, help="SFV catalog on the start date")
+    parser.add_argument("--history_watches", type=int, default=_DEFAULTS.history_watches,
+                        help="a prior history of about this many watches per user on the start date (0: none; "
+                             "1200 puts every user near the history cap)")
     return parser.parse_args(argv)
 
 
@@ -40,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     config = SampleDataConfig(users=args.users, days=args.days, seed=args.seed,
                               start_date=args.start_date.isoformat(),  # argparse parses the default too
                               bad_row_rate=args.bad_row_rate, lfv_videos=args.lfv_videos,
-                              sfv_videos=args.sfv_videos)
+                              sfv_videos=args.sfv_videos, history_watches=args.history_watches)
 
     started = time.perf_counter()
     dataset = generate_sample_dataset(config)

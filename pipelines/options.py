@@ -119,7 +119,7 @@ class JobSpec:
 
 
 _SHARED_RANGES = {"embedding_dim": (1, 65536), "seed": (0, 2**63 - 1)}
-_OWN_PACKAGES = ("pipelines", "transforms", "tokenminds_model", "tests", "bench", "__main__")
+_OWN_PACKAGES = ("pipelines", "transforms", "data_sources", "tokenminds_model", "tests", "bench", "__main__")
 
 
 def _beam_option_classes(spec: JobSpec) -> List[type]:

@@ -32,7 +32,7 @@ from tokenminds_model.query_tokenizer import (ARTIFACT_KIND, METADATA_FILENAME, 
                                               train_query_tokenizer)
 from transforms import schemas
 from transforms.query_sampling import SampleQueries
-from transforms.sources import ReadTable, SourceConfig
+from transforms.sources import ReadTableBatches, SourceConfig, batch_rows
 
 
 class TrainQueryTokenizerOptions(PipelineOptions):
@@ -72,9 +72,10 @@ def run(argv: Optional[List[str]] = None) -> Optional[dict]:
     try:
         console.prepare_dry_run(options)  # a dry run only: names the job and the file its JSON goes to
         pipeline = beam.Pipeline(options=options)
-        searches = [pipeline | f"ReadSearches {d}" >> ReadTable(schemas.SEARCH_EVENTS, d, source)
-                    for d in processing_dates(options)]
-        _ = (searches | "AllSearches" >> beam.Flatten()
+        # The whole range in one read (not one branch per date), as rows for the sampler.
+        _ = (pipeline
+             | "ReadSearches" >> ReadTableBatches(schemas.SEARCH_EVENTS, processing_dates(options), source)
+             | "AllSearches" >> beam.FlatMap(batch_rows, columns=schemas.input_schema(schemas.SEARCH_EVENTS).names)
              | "Sample" >> SampleQueries(job.max_training_queries, seed=common.seed)
              | "CollectSample" >> beam.combiners.ToList()
              | "TrainAndSave" >> beam.Map(_train_and_save, directory=staged or directory,

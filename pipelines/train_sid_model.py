@@ -72,9 +72,11 @@ def read_catalog(files: List[str]) -> pa.Table:
         with FileSystems.open(path) as handle:
             tables.append(pq.read_table(handle, columns=["video_id", "scenario", "content_embedding"]))
     catalog = pa.concat_tables(tables)
-    # A video republished on a later day appears twice; it is one item for the tokenizer.
+    # A video republished on a later day appears twice; it is one item for the tokenizer (its first, earliest
+    # copy). Items are ordered by video id, not by where they sit in the files, so the model (trained in batches
+    # of this order) does not depend on how validate_inputs happened to shard and order the rows.
     _, first = np.unique(np.asarray(catalog["video_id"].to_pylist(), dtype=object), return_index=True)
-    return catalog.take(pa.array(np.sort(first)))
+    return catalog.take(pa.array(first))
 
 
 def embeddings_of(catalog: pa.Table) -> np.ndarray:

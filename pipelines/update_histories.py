@@ -22,16 +22,13 @@ import datetime as dt
 from typing import List, Optional
 
 import apache_beam as beam
-from apache_beam.io.parquetio import ReadFromParquet
+from apache_beam.io.parquetio import ReadFromParquetBatched
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import daily_plan
 from pipelines.cli import run_main, run_per_day
 from pipelines.options import JobSpec, TokenMindsOptions, parse_job_options, processing_dates, validated_root
 from transforms import histories, outputs, schemas
-from transforms.sources import ReadTable, SourceConfig
-from transforms.validation import parse_timestamp
-
 
 
 class UpdateHistoriesOptions(PipelineOptions):
@@ -78,10 +75,6 @@ def require_success(directory: str, what: str) -> None:
         raise FileNotFoundError(f"{what} is not complete: {directory}/_SUCCESS is missing")
 
 
-def _with_utc(row, column="event_ts"):
-    return {**row, column: parse_timestamp(row[column])}
-
-
 def update_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validated_root: str,
                job: "UpdateHistoriesOptions", staged=lambda path: path) -> None:
     day = date.isoformat()
@@ -90,58 +83,57 @@ def update_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validat
     has_previous = outputs.success_marker_exists(previous_dir)
     remap_previous = has_previous and snapshot_sid_model_version(output_root, date - dt.timedelta(days=1)) != version
     event_days = [date] if has_previous else [date - dt.timedelta(days=i) for i in range(job.backfill_days)][::-1]
-    validated = SourceConfig(kind="parquet", input_root=validated_root)
 
-    # 1. Read: the day's validated events (or the backfill window), the current SIDs, yesterday's snapshot.
-    watch_rows, search_rows, counts = [], [], []
-    for event_day in event_days:
-        for table in (schemas.WATCH_EVENTS, schemas.SEARCH_EVENTS):
-            require_success(schemas.partition_dir(validated_root, table, event_day), f"validated {table}")
-        watches = (pipeline | f"ReadWatches {event_day}" >> ReadTable(schemas.WATCH_EVENTS, event_day, validated)
-                   | f"UtcWatches {event_day}" >> beam.Map(_with_utc))
-        searches = (pipeline | f"ReadSearches {event_day}" >> ReadTable(schemas.SEARCH_EVENTS, event_day, validated)
-                    | f"UtcSearches {event_day}" >> beam.Map(_with_utc))
-        watch_rows.append(watches)
-        search_rows.append(searches)
-        counts += [watches | f"CountWatchesIn {event_day}" >> outputs.CountRows(schemas.WATCH_EVENTS, day, outputs.IN),
-                   searches | f"CountSearchesIn {event_day}" >> outputs.CountRows(
-                       schemas.SEARCH_EVENTS, day, outputs.IN)]
+    # 1. Read, as Arrow row groups: the day's validated events (or the backfill window), the current SIDs (a side
+    #    input), yesterday's snapshot (here, or shard by shard in the fold).
     require_success(video_sids_dir(output_root, date), "SID assignment")
-    video_sids = (pipeline
-                  | "ReadVideoSids" >> ReadFromParquet(outputs.join(video_sids_dir(output_root, date), "*.parquet"),
-                                                       columns=["video_id", "sid"])
-                  | "KeyByVideo" >> beam.Map(lambda row: (row["video_id"], row["sid"])))
-    if has_previous:
-        previous = pipeline | "ReadPreviousSnapshot" >> ReadFromParquet(outputs.join(previous_dir, "*.parquet"))
-    else:
-        previous = pipeline | "NoPreviousSnapshot" >> beam.Create([])
-    dead = []
-    if remap_previous:
-        # A new SID model: yesterday's watches get their SIDs under the new model before anything is folded in.
-        remapped = (previous, video_sids) | "RemapPreviousSids" >> histories.RemapSnapshotSids(day)
-        previous, counts, dead = remapped["snapshots"], counts + [remapped["counts"]], [remapped["dead"]]
-
-    # 2. Transform: attach SIDs (dead-lettering watches of unknown videos), bound each user's day, fold.
-    all_watches = watch_rows | "AllWatches" >> beam.Flatten()
-    attached = (all_watches, video_sids) | "AttachSids" >> histories.AttachSids(day)
-    keyed_searches = (search_rows | "AllSearches" >> beam.Flatten()
-                      | "KeySearches" >> beam.Map(lambda row: (row["user_id"], histories.search_record(row))))
-    folded = ({"previous": previous, "watches": attached["watches"], "searches": keyed_searches}
-              | "FoldHistories" >> histories.FoldHistories(day, version, job.max_history_watches,
-                                                          job.max_history_searches))
-
-    # 3. Write: snapshots and dead letters, then the summary and _SUCCESS.
+    video_sids = histories.read_video_sids(pipeline, video_sids_dir(output_root, date))
+    events = {table: [] for table in (schemas.WATCH_EVENTS, schemas.SEARCH_EVENTS)}
+    for event_day in event_days:
+        for table in events:
+            require_success(schemas.partition_dir(validated_root, table, event_day), f"validated {table}")
+            events[table].append(pipeline | f"Read {table} {event_day}" >> histories.ReadValidated(
+                validated_root, table, event_day))
     out_dir = staged(snapshot_dir(output_root, date))
     dead_dir = staged(dead_letter_dir(output_root, date))
-    writes = [folded["snapshots"] | "WriteSnapshots" >> outputs.WriteParquetShards(
-                  out_dir, schemas.HISTORIES_SCHEMA, num_shards=job.history_shards, key_columns=("user_id",)),
-              (dead + [attached["dead"]]) | "AllDead" >> beam.Flatten()
+    by_shard = (has_previous and not remap_previous
+                and histories.is_sharded_snapshot(previous_dir, job.history_shards))
+
+    # 2. Transform: attach SIDs (dead-lettering watches of unknown videos; after a SID model change, yesterday's
+    #    watches too), bound each user's day, fold. Yesterday's part s holds exactly the users of today's part s
+    #    when both have --history_shards shards, so then only the day's events are shuffled (keyed by shard) and
+    #    each shard's fold reads yesterday's part itself. Otherwise (a backfill, a SID model change, another shard
+    #    count) every record, yesterday's too, is keyed by user.
+    shards = job.history_shards if by_shard else 0
+    keyed = [
+        events[schemas.WATCH_EVENTS] | "AllWatches" >> beam.Flatten() | "KeyWatches" >> histories.KeyByUser(
+            day, schemas.WATCH_EVENTS, job.max_history_watches, video_sids, num_shards=shards),
+        events[schemas.SEARCH_EVENTS] | "AllSearches" >> beam.Flatten() | "KeySearches" >> histories.KeyByUser(
+            day, schemas.SEARCH_EVENTS, job.max_history_searches, num_shards=shards)]
+    if by_shard:
+        folded = ([k["keyed"] for k in keyed] | "AllKeyed" >> beam.Flatten()
+                  | "FoldShards" >> histories.FoldShards(day, version, job.max_history_watches,
+                                                         job.max_history_searches, previous_dir, out_dir,
+                                                         job.history_shards))
+        snapshot_files, user_counts = folded["files"], []
+    else:
+        previous = (pipeline | "ReadPreviousSnapshot" >> ReadFromParquetBatched(outputs.join(previous_dir, "*.parquet"))
+                    if has_previous else pipeline | "NoPreviousSnapshot" >> beam.Create([]))
+        keyed.append(previous | "KeyPrevious" >> histories.KeyByUser(
+            day, schemas.HISTORIES, video_sids=video_sids if remap_previous else None))
+        folded = ([k["keyed"] for k in keyed] | "AllKeyed" >> beam.Flatten()
+                  | "FoldHistories" >> histories.FoldHistories(day, version, job.max_history_watches,
+                                                              job.max_history_searches))
+        snapshot_files = folded["snapshots"] | "WriteSnapshots" >> histories.WriteSnapshots(
+            out_dir, job.history_shards)
+        user_counts = [folded["snapshots"] | "CountUsers" >> beam.Map(
+            lambda table: ((schemas.HISTORIES, day, outputs.STAT, "users"), table.num_rows))]
+
+    # 3. Write: snapshots and dead letters, then the summary and _SUCCESS.
+    writes = [snapshot_files,
+              [k["dead"] for k in keyed] | "AllDead" >> beam.Flatten()
               | "WriteDead" >> outputs.WriteParquetShards(dead_dir, schemas.DEAD_LETTER_SCHEMA)]
-    counts += [attached["dead"] | "CountDead" >> outputs.CountRows(schemas.WATCH_EVENTS, day, outputs.DEAD),
-               folded["counts"],
-               folded["snapshots"] | "CountUsers" >> outputs.CountRows(schemas.HISTORIES, day, outputs.STAT,
-                                                                       "users")]
-    summary = (counts | "AllCounts" >> beam.Flatten()
+    summary = ([k["counts"] for k in keyed] + [folded["counts"], *user_counts] | "AllCounts" >> beam.Flatten()
                | "Summarize" >> outputs.SummarizeCounts(extra={
                    "job": "update_histories", "date": day, "sid_model_version": version,
                    "built_from": "previous_snapshot" if has_previous else f"backfill_{job.backfill_days}_days",

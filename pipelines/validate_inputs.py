@@ -24,8 +24,8 @@ from pipelines.cli import run_main, run_staged
 from pipelines.options import (JobSpec, TokenMindsOptions, parse_job_options, processing_dates,
                                source_config)
 from transforms import outputs, schemas
-from transforms.sources import ReadTable
-from transforms.validation import ValidateRows
+from transforms.sources import ReadTableBatches
+from transforms.validation import ValidateRange
 
 
 class ValidateInputsOptions(PipelineOptions):
@@ -55,29 +55,23 @@ def output_dirs(output_root: str, tables: List[str], date: dt.date) -> List[str]
             + [run_dir(output_root, date)])
 
 
-def validate_day(pipeline: beam.Pipeline, date: dt.date, tables: List[str], source, output_root: str,
-                 embedding_dim: int, validated_shards: int, staged: Callable[[str], str] = lambda path: path) -> None:
-    """Read, validate and write every table of one day, then its summary and _SUCCESS markers (each output under
-    ``staged(final path)``)."""
-    counts, writes = [], []
-    for table in tables:
-        step = f"{table}@{date}"
-        rows = pipeline | f"Read {step}" >> ReadTable(table, date, source)
-        validated = rows | f"Validate {step}" >> ValidateRows(table, date, embedding_dim)
-        writes.append(validated["valid"] | f"WriteValid {step}" >> outputs.WriteParquetShards(
-            staged(schemas.partition_dir(validated_root(output_root), table, date)), schemas.input_schema(table),
-            num_shards=validated_shards))
-        writes.append(validated["dead"] | f"WriteDead {step}" >> outputs.WriteParquetShards(
-            staged(schemas.partition_dir(dead_letter_root(output_root), table, date)), schemas.DEAD_LETTER_SCHEMA))
-        counts += [rows | f"CountIn {step}" >> outputs.CountRows(table, date.isoformat(), outputs.IN),
-                   validated["valid"] | f"CountOut {step}" >> outputs.CountRows(table, date.isoformat(), outputs.OUT),
-                   validated["dead"] | f"CountDead {step}" >> outputs.CountRows(table, date.isoformat(), outputs.DEAD)]
-    summary = (counts | f"AllCountKeys {date}" >> beam.Flatten() | f"Summarize {date}" >> outputs.SummarizeCounts(
-        extra={"job": "validate_inputs", "date": date.isoformat(), "embedding_dim": embedding_dim}))
-    success_dirs = [staged(schemas.partition_dir(validated_root(output_root), t, date)) for t in tables]
-    _ = summary | f"Finish {date}" >> outputs.WriteSummaryAndSuccess(
-        staged(outputs.join(run_dir(output_root, date), "summary.json")),
-        success_dirs + [staged(run_dir(output_root, date))], after=writes)
+def validate_range(pipeline: beam.Pipeline, dates: List[dt.date], tables: List[str], source, output_root: str,
+                   embedding_dim: int, validated_shards: int, staged: Callable[[str], str] = lambda path: path) -> None:
+    """Read every table's partitions of the whole range (one read per table), validate them as Arrow batches, and
+    write each date's partitions, then each date's summary and _SUCCESS markers (each output under ``staged(final
+    path)``). One branch for the range, not one per date: a long range costs no more to build or hold than a day."""
+    days = [d.isoformat() for d in dates]
+    valid_dirs = {(t, d): staged(schemas.partition_dir(validated_root(output_root), t, d))
+                  for t in tables for d in days}
+    dead_dirs = {(t, d): staged(schemas.partition_dir(dead_letter_root(output_root), t, d))
+                 for t in tables for d in days}
+    batches = {table: pipeline | f"Read {table}" >> ReadTableBatches(table, dates, source) for table in tables}
+    validated = batches | "Validate" >> ValidateRange(valid_dirs, dead_dirs, validated_shards, embedding_dim)
+    _ = validated["counts"] | "WriteSummaryAndSuccess" >> outputs.WriteDailySummaries(
+        summary_paths={d: staged(outputs.join(run_dir(output_root, d), "summary.json")) for d in days},
+        success_dirs={d: [valid_dirs[(t, d)] for t in tables] + [staged(run_dir(output_root, d))] for d in days},
+        extra={d: {"job": "validate_inputs", "date": d, "embedding_dim": embedding_dim} for d in days},
+        after=validated["written"])
 
 
 def check_options(options: PipelineOptions) -> None:
@@ -106,9 +100,8 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
 
     def build(pipeline, day_outputs):
         # Every day's partitions are checked (footers, columns) while the job is built, before anything is written.
-        for date in dates:
-            validate_day(pipeline, date, tables, source, common.output_root, common.embedding_dim,
-                         job.validated_shards, day_outputs.staged)
+        validate_range(pipeline, dates, tables, source, common.output_root, common.embedding_dim,
+                       job.validated_shards, day_outputs.staged)
 
     summaries = run_staged(
         options, JOB.name, [d for date in dates for d in output_dirs(common.output_root, tables, date)], build,

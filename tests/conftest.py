@@ -20,8 +20,8 @@ def shared_dataset(name: str) -> Path:
 @pytest.fixture(scope="session")
 def validated_sample(tmp_path_factory):
     """300 users over 3 days: raw tables under raw/, validate_inputs' outputs under out/. Do not modify."""
+    from data_sources.sample_data import SampleDataConfig, generate_sample_dataset, write_sample_dataset
     from pipelines import validate_inputs
-    from transforms.sample_data import SampleDataConfig, generate_sample_dataset, write_sample_dataset
 
     root = tmp_path_factory.mktemp("sample")
     config = SampleDataConfig(users=300, days=3, seed=11, lfv_videos=400, sfv_videos=800,

@@ -4,6 +4,7 @@ import collections
 import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from pipelines import build_examples
@@ -117,3 +118,89 @@ def test_ablation_switches(daily_flow):
     soft_positions = tokens == vocab.SOFT_ID
     assert soft_positions.any() and np.all(soft[~soft_positions] == 0) and np.any(soft[soft_positions] != 0)
     assert full["totals"]["balanced"]
+
+
+def test_columnar_batches_build_the_reference_examples(daily_flow):
+    """columnar.build_users on a batch of users, from snapshots trimmed before the shuffle (columnar.Trim), gives
+    byte for byte what the per-user specification (sequences.make_user_examples via
+    examples.reference_user_examples) gives on the full snapshots: histories far longer than max_tokens with
+    searches, hard and soft features, caps small enough that the oldest kept events' time gaps reach past the trim,
+    and a user with bad data dead-lettered without touching the others."""
+    import datetime as dt
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipelines.update_histories import snapshot_dir
+    from tokenminds_model.query_tokenizer import QueryTokenizer
+    from transforms import columnar, examples, features, schemas, sequences
+
+    out = f"{daily_flow['root']}/out"
+    day = dt.date.fromisoformat(daily_flow["dates"][1])
+    tables = [pq.read_table(snapshot_dir(out, day + dt.timedelta(days=d)), columns=["user_id", "watches", "searches"])
+              for d in (-1, 0, 1)]
+    start, end = (schemas.to_epoch_us(t) for t in schemas.day_bounds(day))
+    active = tables[1].filter(columnar.active_in(tables[1], start, end))
+    # The longest histories, and the users with the most searches.
+    by_watches = np.argsort(-pc.list_value_length(active.column("watches")).to_numpy())[:3]
+    by_searches = np.argsort(-pc.list_value_length(active.column("searches")).to_numpy())[:3]
+    user_ids = [active.column("user_id")[int(i)].as_py() for i in sorted(set(by_watches) | set(by_searches))]
+    bad_user = user_ids[0]
+    rows = [{r["user_id"]: r for r in t.to_pylist() if r["user_id"] in user_ids} for t in tables]
+    for snapshot in (r[bad_user] for r in rows if bad_user in r):  # invalid: that user alone becomes a dead letter
+        snapshot["watches"][-1]["video_duration_s"] = 0.0
+    # A long history with searches: the most-searching user's events repeated weekly back in time (all snapshots).
+    week, source = 7 * 86400 * 10 ** 6, active.column("user_id")[int(by_searches[0])].as_py()
+    for r in rows:
+        if source in r:
+            long = {kind: [{**e, "event_ts_us": e["event_ts_us"] - k * week} for k in range(40, 0, -1)
+                           for e in r[source][kind]] + r[source][kind] for kind in ("watches", "searches")}
+            r["long_user"] = {**r[source], "user_id": "long_user", **long}
+    user_ids.append("long_user")
+    artifacts = (f"{out}/sid_model", f"{out}/query_tokenizer", f"{out}/feature_transform")
+    layout = build_examples.vocabulary_layout(*artifacts)
+    tokenizer, featurizer = QueryTokenizer.load(artifacts[1]), features.WatchFeaturizer(artifacts[2])
+    for config in (sequences.SequenceConfig(max_tokens=64),
+                   sequences.SequenceConfig(max_tokens=48, feature_mode="soft", max_targets=3),
+                   sequences.SequenceConfig(max_tokens=200, max_watches=3),  # searches reach far past the watches
+                   sequences.SequenceConfig(max_tokens=100, max_searches=2, feature_mode="soft")):
+        trim = columnar.Trim.for_day(start, end, layout, config)
+        packs = [dict(columnar.pack_snapshots(pa_table_of(list(r.values())), trim)) for r in rows]
+        users = [(u, [p[u] for p in packs if u in p]) for u in user_ids]
+        full = sum(len(r["long_user"]["watches"]) for r in rows if "long_user" in r)
+        assert config.max_tokens < 10 * full and sum(len(p.w_ts) for p in dict(users)["long_user"]) < full / 10
+        ctx = examples.ExampleBuildContext(layout, config, 0, artifacts[1], artifacts[2], start, end, str(day))
+        spec = examples.feature_spec(config, layout)
+        built = dict(columnar.build_users(users, start, end, layout, config, 0, tokenizer, featurizer))
+        assert isinstance(built[bad_user], ValueError)
+        with pytest.raises(ValueError):
+            examples.reference_user_examples(bad_user, [r[bad_user] for r in rows if bad_user in r], tokenizer,
+                                             featurizer, ctx)
+        checked = 0
+        for user_id in user_ids[1:]:
+            expected, rewards = examples.reference_user_examples(user_id, [r[user_id] for r in rows if user_id in r],
+                                                                 tokenizer, featurizer, ctx)
+            got, got_rewards = built[user_id]
+            serialized = [examples.serialize_example(e, spec) for e in got]
+            assert serialized == [examples.serialize_example(e, spec) for e in expected] and got_rewards == rewards
+            assert serialized == [examples.serialize_example_tf(e, spec) for e in got]
+            checked += len(expected)
+        assert checked > 0 and built["long_user"][0]
+
+    # A watch's features do not depend on the call it is featurized in (every call is padded to whole packets).
+    raw = sequences.raw_watch_features(*(lambda t: (t.watches, t.watch_gaps_s()))(sequences.build_timeline(
+        rows[1]["long_user"]["watches"])))
+    together = featurizer.featurize_columns(raw)
+    for i in (0, 1, 37, len(raw["watch_ratio"]) - 1):
+        alone = featurizer.featurize_columns({k: v[i:i + 1] for k, v in raw.items()})
+        assert np.array_equal(alone[1], together[1][i:i + 1]) and all(
+            alone[0][name][0] == together[0][name][i] for name in together[0])
+
+
+def pa_table_of(rows):
+    import pyarrow as pa
+
+    from transforms import schemas
+
+    return pa.Table.from_pylist(rows, schema=pa.schema([schemas.HISTORIES_SCHEMA.field(n)
+                                                        for n in ("user_id", "watches", "searches")]))

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_sources import dataset_import as di
+from data_sources.dataset_import import DatasetFormatError, ImportConfig, import_dataset, write_imported_dataset
 from pipelines import import_dataset as import_cli
-from transforms import dataset_import as di
 from transforms import schemas
-from transforms.dataset_import import DatasetFormatError, ImportConfig, import_dataset, write_imported_dataset
 from transforms.validation import validate_row
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -1,17 +1,17 @@
-"""User history snapshots: the pure fold and bound, and update_histories end to end on hand-written days."""
+"""User history snapshots: the columnar fold and bound (no Beam), and update_histories end to end on hand-written
+days."""
 import datetime as dt
 import json
 import os
 
-import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import update_histories
 from tests.helpers import FNAPI, MULTIPROCESS, read_parquet_dir, search, watch, write_partition
-from transforms import histories, outputs, schemas
+from transforms import history_fold, outputs, schemas
 
 D1, D2 = dt.date(2026, 1, 1), dt.date(2026, 1, 2)
 
@@ -20,49 +20,65 @@ def at(day, hour, minute=0):
     return dt.datetime(day.year, day.month, day.day, hour, minute, tzinfo=dt.timezone.utc)
 
 
-def record(video_id, ts_us, scenario="LFV"):
-    return {"video_id": video_id, "scenario": scenario, "event_ts_us": ts_us, "sid": [1, 2, 3]}
+def record(video_id, ts_us, scenario="LFV", user_id="u"):
+    return {"user_id": user_id, "video_id": video_id, "scenario": scenario, "event_ts_us": ts_us,
+            "watch_time_s": 1.0, "video_duration_s": 2.0, "surface": "home", "device": "IOS", "liked": False,
+            "disliked": False, "sid": [1, 2, 3]}
 
 
-def test_most_recent_keeps_the_newest_oldest_first_with_deterministic_ties():
-    records = [record("b", 5), record("a", 5), record("c", 1), record("d", 9)]
-    kept = histories.most_recent(records, 3, histories.watch_recency_key)
-    assert [r["video_id"] for r in kept] == ["a", "b", "d"]
-    assert histories.most_recent(list(reversed(records)), 3, histories.watch_recency_key) == kept
+def records(rows):
+    return pa.Table.from_pylist(rows, schema=history_fold.WATCH_RECORD_SCHEMA)
 
 
-def test_fold_appends_the_day_and_caps_to_the_most_recent():
-    previous = {"user_id": "u", "watches": [record(f"old{i}", i) for i in range(4)],
-                "searches": [{"event_ts_us": 1, "query": "a"}]}
-    new = [record("new0", 100), record("new1", 101)]
-    folded = histories.fold_history("u", "2026-01-02", "m1", previous, new, [{"event_ts_us": 50, "query": "b"}],
-                                    max_watches=5, max_searches=1)
-    assert [w["video_id"] for w in folded["watches"]] == ["old1", "old2", "old3", "new0", "new1"]
-    assert folded["searches"] == [{"event_ts_us": 50, "query": "b"}]
-    assert (folded["snapshot_date"], folded["sid_model_version"]) == ("2026-01-02", "m1")
+def test_most_recent_keeps_the_newest_per_user_oldest_first_with_deterministic_ties():
+    rows = [record("b", 5), record("a", 5), record("c", 1), record("d", 9), record("x", 1, user_id="w"),
+            record("a", 5, scenario="SFV")]
+    for order in (rows, rows[::-1]):  # never by arrival order
+        table = records(order)
+        users, groups = history_fold.group_ids(table["user_id"])
+        kept = table.take(history_fold.most_recent(table, groups, 3, history_fold.WATCH_KEY)).to_pylist()
+        by_user = {u: [(r["video_id"], r["scenario"]) for r in kept if r["user_id"] == u] for u in users}
+        # (5, "LFV", "b") < (5, "SFV", "a"): time, then scenario, then video id
+        assert by_user == {"u": [("b", "LFV"), ("a", "SFV"), ("d", "LFV")], "w": [("x", "LFV")]}
+        assert [r["user_id"] for r in kept] == sorted((r["user_id"] for r in kept), key=users.index)
 
 
-def test_most_recent_events_combiner_bounds_and_counts_what_it_drops():
-    fn = histories.MostRecentEvents(3, histories.watch_recency_key)
-    parts = [[record(f"v{i}", i) for i in range(0, 5)], [record(f"v{i}", i) for i in range(5, 9)]]
-    accumulators = []
-    for part in parts:
-        acc = fn.create_accumulator()
-        for r in part:
-            acc = fn.add_input(acc, r)
-        accumulators.append(acc)
-        assert len(acc[0]) <= 3  # bounded on the map side already
-    out = fn.extract_output(fn.merge_accumulators(accumulators))
-    assert [r["video_id"] for r in out["events"]] == ["v6", "v7", "v8"] and out["dropped"] == 6
+def test_fold_appends_the_day_caps_to_the_most_recent_and_counts_the_day_bound():
+    old = records([record(f"old{i}", i) for i in range(4)]).drop_columns(["user_id"])
+    new = records([record(f"new{i}", 100 + i) for i in range(7)]).drop_columns(["user_id"])
+    kept, groups, kept_new = history_fold.bound_and_fold(old, np.zeros(4, np.int64), new, np.zeros(7, np.int64), 5,
+                                                         history_fold.WATCH_KEY)
+    assert [r["video_id"] for r in kept.to_pylist()] == [f"new{i}" for i in range(2, 7)] and kept_new == 5
+    kept, _, kept_new = history_fold.bound_and_fold(old, np.zeros(4, np.int64), new.slice(0, 2),
+                                                    np.zeros(2, np.int64), 5, history_fold.WATCH_KEY)
+    assert [r["video_id"] for r in kept.to_pylist()] == ["old1", "old2", "old3", "new0", "new1"] and kept_new == 2
 
 
-def test_combiner_in_a_pipeline_bounds_a_heavy_user(tmp_path):
-    heavy = [("heavy", record(f"v{i}", i)) for i in range(500)] + [("light", record("x", 1))]
-    with TestPipeline(options=PipelineOptions(FNAPI)) as p:
-        out = (p | beam.Create(heavy)
-               | beam.CombinePerKey(histories.MostRecentEvents(10, histories.watch_recency_key))
-               | beam.MapTuple(lambda user, o: (user, len(o["events"]), o["dropped"])))
-        assert_that(out, equal_to([("heavy", 10, 490), ("light", 1, 0)]))
+def test_snapshot_round_trip_through_flat_records_and_ipc():
+    table = records([record("a", 1), record("b", 2, user_id="w"), record("c", 3)])
+    users, groups = history_fold.group_ids(table["user_id"])
+    order = history_fold.most_recent(table, groups, 10, history_fold.WATCH_KEY)
+    watches = history_fold.from_ipc(history_fold.to_ipc(table.take(order).drop_columns(["user_id"])))
+    no_searches = pa.schema(list(schemas.HISTORY_SEARCH_TYPE)).empty_table()
+    snap = history_fold.snapshots(users + ["idle"], "2026-01-02", "m1", watches, groups[order], no_searches,
+                                  np.zeros(0, np.int64))
+    assert snap.schema == schemas.HISTORIES_SCHEMA
+    assert [(r["user_id"], [w["video_id"] for w in r["watches"]]) for r in snap.to_pylist()] == [
+        ("u", ["a", "c"]), ("w", ["b"]), ("idle", [])]
+    flat, owners = history_fold.flatten_snapshots(snap, "watches")
+    assert flat.to_pylist() == table.take(order).to_pylist() and owners.tolist() == [0, 0, 1]
+    assert [(g, t.num_rows) for g, t in history_fold.split_by_group(flat, owners, 3)] == [(0, 2), (1, 1), (2, 0)]
+
+
+def test_watch_records_attach_sids_and_return_rows_without_one():
+    events = pa.Table.from_pylist([watch(user_id="a", video_id="v1", event_ts=at(D1, 9)),
+                                   watch(user_id="b", video_id="nope", event_ts=at(D1, 10))],
+                                  schema=schemas.WATCH_EVENTS_SCHEMA)
+    sids = pa.table({"video_id": ["v0", "v1"], "sid": pa.array([[0, 0], [4, 5]], pa.list_(pa.int32()))})
+    kept, missing = history_fold.watch_records(events, sids)
+    assert missing.tolist() == [1] and kept.schema == history_fold.WATCH_RECORD_SCHEMA
+    assert kept.to_pylist()[0]["sid"] == [4, 5]
+    assert kept.to_pylist()[0]["event_ts_us"] == schemas.to_epoch_us(at(D1, 9))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,3 +161,50 @@ def test_backfill_builds_from_raw_days_when_there_is_no_previous_snapshot(tmp_pa
 def test_missing_inputs_fail_before_the_job_with_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="video_sids/date=2026-01-01/_SUCCESS"):
         run(tmp_path, D1)
+
+
+def _snapshot_bytes(root, day):
+    directory = update_histories.snapshot_dir(str(root), day)
+    return {name: open(os.path.join(directory, name), "rb").read()
+            for name in sorted(os.listdir(directory)) if name.endswith(".parquet")}
+
+
+def test_shard_by_shard_fold_writes_the_bytes_of_the_fold_by_user(tmp_path, monkeypatch):
+    from transforms import histories
+
+    users = [f"user{i}" for i in range(12)]
+    write_sids(tmp_path, D1, {"v1": (1, 1, 1), "v2": (2, 2, 2)})
+    write_validated(tmp_path, D1, [watch(user_id=u, video_id="v1", event_ts=at(D1, 9, i)) for i, u in enumerate(users)],
+                    [search(user_id=u, event_ts=at(D1, 8), query=u) for u in users[::2]])
+    run(tmp_path, D1, "--backfill_days=1", "--history_shards=3")
+    assert histories.is_sharded_snapshot(update_histories.snapshot_dir(str(tmp_path), D1), 3)
+    assert not histories.is_sharded_snapshot(update_histories.snapshot_dir(str(tmp_path), D1), 4)
+    write_sids(tmp_path, D2, {"v1": (1, 1, 1), "v2": (2, 2, 2)})
+    write_validated(tmp_path, D2, [watch(user_id=u, video_id="v2", event_ts=at(D2, 10, m))
+                                   for u in users[3:] + ["new_user"] for m in range(4)],
+                    [search(user_id="new_user", event_ts=at(D2, 12), query="dogs")])
+    summary, snap = run(tmp_path, D2, "--history_shards=3", "--max_history_watches=3")
+    by_shard = _snapshot_bytes(tmp_path, D2)
+    assert len(by_shard) == 3 and set(snap) == set(users) | {"new_user"}
+    assert [w["video_id"] for w in snap["user5"]["watches"]] == ["v2"] * 3
+    assert [w["video_id"] for w in snap["user1"]["watches"]] == ["v1"]
+
+    monkeypatch.setattr(histories, "is_sharded_snapshot", lambda directory, num_shards: False)
+    summary_by_user, _ = run(tmp_path, D2, "--history_shards=3", "--max_history_watches=3")
+    assert _snapshot_bytes(tmp_path, D2) == by_shard
+    assert summary_by_user["tables"] == summary["tables"] and summary_by_user["stats"] == summary["stats"]
+
+
+def test_shard_by_shard_fold_rejects_a_snapshot_sharded_otherwise(tmp_path):
+    write_sids(tmp_path, D1, {"v1": (1, 1, 1)})
+    write_validated(tmp_path, D1, [watch(user_id=u, video_id="v1", event_ts=at(D1, 9)) for u in ("a", "b", "c")], [])
+    run(tmp_path, D1, "--backfill_days=1", "--history_shards=2")
+    directory = update_histories.snapshot_dir(str(tmp_path), D1)
+    parts = [outputs.shard_path(directory, s, 2) for s in range(2)]
+    rows = [pq.read_table(p) for p in parts]
+    outputs.write_parquet_file(parts[0], pa.concat_tables(rows))  # every user in part 0
+    outputs.write_parquet_file(parts[1], rows[0].schema.empty_table())
+    write_sids(tmp_path, D2, {"v1": (1, 1, 1)})
+    write_validated(tmp_path, D2, [], [])
+    with pytest.raises(Exception, match="holds users of other shards"):
+        run(tmp_path, D2, "--history_shards=2")

@@ -16,9 +16,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from data_sources import sample_data
+from data_sources.sample_data import SampleDataConfig, generate_sample_dataset, write_sample_dataset
 from pipelines import make_sample_data
-from transforms import sample_data, schemas
-from transforms.sample_data import SampleDataConfig, generate_sample_dataset, write_sample_dataset
+from transforms import schemas
 
 # Small enough to generate in well under a second, big enough for stable statistics.
 CONFIG = SampleDataConfig(users=600, days=6, seed=7, lfv_videos=600, sfv_videos=1200,
@@ -431,3 +432,25 @@ def test_config_rejects_impossible_settings():
         SampleDataConfig(topics=3)  # not more topics than max_interests: drift could not find a new one
     with pytest.raises(ValueError):
         SampleDataConfig(lfv_videos=10)  # fewer videos than sub-topics
+
+
+def test_history_watches_gives_every_user_a_valid_prior_history_near_the_cap():
+    from transforms.validation import validate_row
+
+    config = dataclasses.replace(CONFIG, users=20, days=2, bad_row_rate=0.0, history_watches=1200)
+    history = generate_sample_dataset(config)
+    first_day = history.tables[schemas.WATCH_EVENTS][config.dates[0]]
+    per_user = first_day.group_by("user_id").aggregate([("event_ts", "count")])["event_ts_count"].to_numpy()
+    assert len(per_user) == config.users and per_user.min() >= 0.9 * 1200  # near the cap, from day one
+    assert first_day.group_by(["user_id", "event_ts"]).aggregate([]).num_rows == first_day.num_rows
+    date = schemas.parse_date(config.dates[0])
+    assert all(validate_row(schemas.WATCH_EVENTS, row, date)[1] is None for row in first_day.to_pylist())
+    # Deterministic for a seed; the later days are the dataset without the option, since its stream is its own.
+    assert generate_sample_dataset(config).tables[schemas.WATCH_EVENTS][config.dates[0]].equals(first_day)
+    plain = generate_sample_dataset(dataclasses.replace(config, history_watches=0))
+    for table in (schemas.VIDEOS, schemas.SEARCH_EVENTS):
+        assert history.table(table).equals(plain.table(table))
+    assert history.tables[schemas.WATCH_EVENTS][config.dates[1]].equals(
+        plain.tables[schemas.WATCH_EVENTS][config.dates[1]])
+    with pytest.raises(ValueError):
+        dataclasses.replace(config, history_watches=-1)

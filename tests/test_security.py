@@ -9,7 +9,7 @@ import pytest
 from transforms import outputs
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_DIRS = ("pipelines", "transforms", "tokenminds_model", "dags", "bench", "scripts")
+CODE_DIRS = ("pipelines", "transforms", "data_sources", "tokenminds_model", "dags", "bench", "scripts")
 
 
 def code_files():

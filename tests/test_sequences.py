@@ -529,6 +529,17 @@ def test_keyed_hash_is_pinned_and_separates_fields():
     assert seq.uniform_from_hash(0) == 2.0 ** -53 and seq.uniform_from_hash(2 ** 64 - 1) == 1.0
 
 
+def test_keyed_hasher_is_keyed_hash_with_a_prefix():
+    from transforms.events import keyed_hasher
+
+    target_hash = keyed_hasher("target", 7, "user-1", 123456789)
+    assert target_hash("video-9", 42) == 5023580461400977544
+    assert target_hash("video-9", 42) == target_hash("video-9", 42)  # the prefix state is copied, never consumed
+    assert keyed_hasher()("cutoff", 0, "u", 5) == seq.keyed_hash64("cutoff", 0, "u", 5)
+    with pytest.raises(TypeError):
+        target_hash(1.5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Cutoffs.
 # ---------------------------------------------------------------------------------------------------------------

@@ -128,3 +128,23 @@ def test_query_tokenizer_pipeline_is_deterministic_and_round_trips(validated_sam
     searches = read_parquet_dir(schemas.partition_dir(f"{root}/out/validated", schemas.SEARCH_EVENTS, days[0]))
     query = searches[0]["query"]
     assert tokenizer.decode(tokenizer.encode(query)) == tokenizer.normalize(query)
+
+
+def test_catalog_order_does_not_depend_on_row_order_in_the_files(tmp_path):
+    """The SID model trains in batches of the catalog's order, so that order must be the video ids', never the
+    order validate_inputs happened to write rows in; a republished video keeps its earliest copy."""
+    import pyarrow as pa
+
+    def write(name, ids, value):
+        table = pa.table({"video_id": ids, "scenario": ["LFV"] * len(ids),
+                          "content_embedding": [[float(value)] * 2 for _ in ids]})
+        path = str(tmp_path / name)
+        pq.write_table(table, path)
+        return path
+
+    day1, day2 = ["v3", "v1", "v2"], ["v4", "v1"]
+    forward = train_sid_model.read_catalog([write("a1.parquet", day1, 1), write("a2.parquet", day2, 2)])
+    shuffled = train_sid_model.read_catalog([write("b1.parquet", day1[::-1], 1), write("b2.parquet", day2[::-1], 2)])
+    assert forward.equals(shuffled)
+    assert forward["video_id"].to_pylist() == ["v1", "v2", "v3", "v4"]
+    assert forward["content_embedding"].to_pylist()[0] == [1.0, 1.0]  # v1's day-1 copy

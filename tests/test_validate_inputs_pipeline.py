@@ -104,7 +104,7 @@ PLANTED_KIND_TO_REASON = {
 
 
 def test_generated_sample_data_dead_letters_exactly_the_planted_bad_rows(tmp_path):
-    from transforms.sample_data import SampleDataConfig, generate_sample_dataset, write_sample_dataset
+    from data_sources.sample_data import SampleDataConfig, generate_sample_dataset, write_sample_dataset
 
     config = SampleDataConfig(users=300, days=2, seed=3, lfv_videos=300, sfv_videos=600, bad_row_rate=0.01)
     manifest = write_sample_dataset(generate_sample_dataset(config), str(tmp_path / "raw"))

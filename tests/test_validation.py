@@ -176,3 +176,204 @@ def test_dead_letter_of_undecodable_bytes_and_lone_surrogates_is_writable_and_re
     assert replay["user_id"] == "u\ud800"  # JSON escapes keep the lone surrogate, losslessly
     assert replay["query"] == {"bytes_base64": "//4gY2F0cw=="}
     assert "caf\u00e9" in v.row_to_json(search(query="caf\u00e9"))  # valid text stays readable, not \u-escaped
+
+
+def _row_by_row(table, rows):
+    valid, dead = [], []
+    for row in rows:
+        clean, rejection = v.validate_row(table, row, DAY)
+        if rejection is None:
+            valid.append(clean)
+        else:
+            dead.append(v.dead_letter_row(table, DAY, row, rejection))
+    return valid, dead
+
+
+def _json_rows(rows):
+    return sorted(v.row_to_json(r) for r in rows)
+
+
+@pytest.mark.parametrize("table,rows", [
+    (schemas.WATCH_EVENTS, [
+        watch(), watch(user_id="u2", surface=None, device=None, liked=None), watch(user_id="   "),
+        watch(user_id="\u200b"), watch(user_id="ünï"), watch(user_id=None), watch(video_id="v" * 300),
+        watch(watch_time_s=float("nan")), watch(watch_time_s=-1.0), watch(video_duration_s=0.0),
+        watch(scenario="XYZ"), watch(event_ts=T0 - dt.timedelta(seconds=1)), watch(surface=""),
+        watch(device="x" * 65), watch(device="\u00e9cran")]),
+    (schemas.SEARCH_EVENTS, [search(), search(query=""), search(query=" \t"), search(query="q" * 1000),
+                             search(query="caf\u00e9"), search(user_id=None)]),
+    (schemas.VIDEOS, [video(), video(video_id="v2", content_embedding=[0.5] * 3),
+                      video(video_id="v3", content_embedding=[float("inf")] + [0.0] * 63),
+                      video(video_id="v4", content_embedding=[None] + [0.0] * 63), video(scenario="lfv")]),
+])
+def test_validate_batch_gives_validate_rows_verdicts(table, rows):
+    import pyarrow as pa
+
+    batch = pa.Table.from_pylist(rows, schema=schemas.input_schema(table))
+    valid, dead = v.validate_batch(table, batch, DAY)
+    expected_valid, expected_dead = _row_by_row(table, batch.to_pylist())
+    assert valid.schema.equals(schemas.input_schema(table))
+    assert _json_rows(valid.to_pylist()) == _json_rows(expected_valid)
+    assert _json_rows(dead) == _json_rows(expected_dead)
+    # Row dicts (the BigQuery source) take the row-by-row path, with the same outcome.
+    valid_from_dicts, dead_from_dicts = v.validate_batch(table, rows, DAY)
+    assert _json_rows(valid_from_dicts.to_pylist()) == _json_rows(_row_by_row(table, rows)[0])
+    assert len(dead_from_dicts) == len(_row_by_row(table, rows)[1])
+
+
+def test_drop_duplicates_keeps_the_canonical_row_and_dead_letters_the_rest():
+    import pyarrow as pa
+
+    rows = [watch(watch_time_s=30.0), watch(user_id="u2"), watch(watch_time_s=10.0), watch(watch_time_s=30.0)]
+    valid, _ = v.validate_batch(schemas.WATCH_EVENTS, pa.Table.from_pylist(rows), DAY)
+    kept, dead = v.drop_duplicates(schemas.WATCH_EVENTS, DAY, valid)
+    clean = [v.validate_row(schemas.WATCH_EVENTS, r, DAY)[0] for r in rows]
+    expected_kept, expected_dead = v.split_duplicates(schemas.WATCH_EVENTS, DAY, [clean[0], clean[2], clean[3]])
+    assert _json_rows(kept.to_pylist()) == _json_rows([expected_kept, clean[1]])
+    assert _json_rows(dead) == _json_rows(expected_dead)
+    assert {r["reason"] for r in dead} == {v.DUPLICATE_EVENT}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole-row sort keys built with Arrow kernels (outputs.row_json_keys): exactly json.dumps(row, sort_keys=True,
+# default=str), which WriteParquetShards shards and sorts by, so ValidateRange's files stay byte-identical.
+# ---------------------------------------------------------------------------------------------------------------
+def _python_keys(table):
+    return [json.dumps(row, sort_keys=True, default=str) for row in table.to_pylist()]
+
+
+def test_row_json_keys_equal_json_dumps_on_edge_values(monkeypatch):
+    import numpy as np
+    import pyarrow as pa
+
+    from transforms import outputs
+
+    monkeypatch.setattr(outputs, "_FEW_ROWS", 2)  # the Arrow kernels, not the few-rows json.dumps path
+    floats = [0.0, -0.0, 530.0, 448.398, 1e-4, 9.999999999999999e-05, 1e-5, 1e15, 1e16, 9999999999999998.0, 1 / 3,
+              float("nan"), float("inf"), -float("inf"), 5e-324, 1.7976931348623157e308, None]
+    texts = ["", "plain", 'quo"te', "back\\slash", "tab\there", "\x00", "\x7f", "é", "\u200b", "\U0001F600", "~ !",
+             None, "a", "b", "c", "d", "e"]
+    micros = [0, 1, 10 ** 6, 1_767_225_600_000_000, 1_767_225_600_123_456, -1, -62_135_596_800_000_000,
+              253_402_300_799_999_999, None, 5, 6, 7, 8, 9, 10, 11, 12]
+    lists = [[1.5, 2.0], [], None, [None, 1e-7], [float("nan")], [0.25] * 3] + [[float(i)] for i in range(11)]
+    n = len(floats)
+    for tz in (None, "UTC"):
+        table = pa.table({
+            "f64": pa.array(floats, pa.float64()), "f32": pa.array(floats, pa.float32()), "s": pa.array(texts),
+            "ts": pa.array(micros, pa.timestamp("us", tz=tz)), "b": pa.array([True, False, None] * 5 + [True, False]),
+            "i": pa.array(list(range(n - 1)) + [None], pa.int64()), "l": pa.array(lists, pa.list_(pa.float32())),
+            "z": pa.array([None] * n)})
+        assert outputs.row_json_keys(table).to_pylist() == _python_keys(table)
+        sliced = table.slice(3, 9)
+        assert outputs.row_json_keys(sliced).to_pylist() == _python_keys(sliced)
+    rng = np.random.default_rng(7)
+    random_bits = np.frombuffer(rng.integers(0, 2 ** 63, 20000, dtype=np.int64).tobytes(), np.float64)
+    table = pa.table({"x": random_bits, "y": np.round(rng.random(20000) * 5000, 3)})
+    assert outputs.row_json_keys(table).to_pylist() == _python_keys(table)
+
+
+def test_row_json_keys_and_shards_on_validated_rows(monkeypatch):
+    import pyarrow as pa
+
+    from transforms import outputs
+
+    monkeypatch.setattr(outputs, "_FEW_ROWS", 2)  # the Arrow kernels, not the few-rows json.dumps path
+
+    rows = [watch(user_id=f"u{i}", watch_time_s=i * 1.25, event_ts=T0 + dt.timedelta(seconds=i, microseconds=i % 3))
+            for i in range(50)]
+    valid, dead = v.validate_batch(schemas.WATCH_EVENTS, pa.Table.from_pylist(rows), DAY)
+    assert not dead and valid.num_rows == 50
+    keys = outputs.row_json_keys(valid)
+    assert keys.to_pylist() == _python_keys(valid) == outputs.row_sort_keys(valid)
+    for shards in (1, 2, 7):
+        assert outputs.shards_of(keys, shards).tolist() == [outputs.shard_of(k, shards) for k in keys.to_pylist()]
+    assert outputs.row_json_keys(pa.table({"a": pa.array([], pa.int64())})).to_pylist() == []
+
+
+def test_validate_range_writes_empty_files_for_a_partition_without_rows(tmp_path):
+    import apache_beam as beam
+    import pyarrow.parquet as pq
+
+    day = DAY.isoformat()
+    valid_dirs = {(t, day): str(tmp_path / "valid" / t) for t in schemas.INPUT_TABLES}
+    dead_dirs = {(t, day): str(tmp_path / "dead" / t) for t in schemas.INPUT_TABLES}
+    rows = [watch(), watch(device="ANDROID"), watch(user_id="")]  # a duplicate and a rejected row
+    with beam.Pipeline() as pipeline:
+        batches = {schemas.WATCH_EVENTS: pipeline | "Watch" >> beam.Create(
+                       [((schemas.WATCH_EVENTS, day), pa_table(rows))]),
+                   schemas.SEARCH_EVENTS: pipeline | "Search" >> beam.Create([])}
+        _ = batches | v.ValidateRange(valid_dirs, dead_dirs, num_shards=3)
+    for table in schemas.INPUT_TABLES:
+        written = sorted(p.name for p in (tmp_path / "valid" / table).iterdir())
+        assert written == [f"part-0000{i}-of-00003.parquet" for i in range(3)]
+        assert sorted(p.name for p in (tmp_path / "dead" / table).iterdir()) == written
+    valid = pq.read_table(str(tmp_path / "valid" / schemas.WATCH_EVENTS))
+    dead = pq.read_table(str(tmp_path / "dead" / schemas.WATCH_EVENTS))
+    assert valid.num_rows == 1 and sorted(dead.column("reason").to_pylist()) == [v.DUPLICATE_EVENT, v.MISSING_FIELD]
+    assert pq.read_table(str(tmp_path / "valid" / schemas.VIDEOS)).num_rows == 0
+
+
+def _event_key_text(row, key):
+    """validation.event_keys of one row, in plain Python."""
+    micros = lambda t: (t - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
+    return "\x1f".join(str(micros(row[k])) if isinstance(row[k], dt.datetime) else row[k] for k in key)
+
+
+def test_event_shards_hash_the_event_key_so_duplicates_share_a_shard():
+    import pyarrow as pa
+
+    from transforms import outputs
+
+    rows = [watch(user_id=f"u{i % 7}", video_id=f"v{i % 5}", event_ts=T0 + dt.timedelta(seconds=i % 11),
+                  watch_time_s=float(i)) for i in range(200)]  # many events repeat with other watch times
+    valid, _ = v.validate_batch(schemas.WATCH_EVENTS, pa.Table.from_pylist(rows), DAY)
+    key = list(schemas.DEDUP_KEY[schemas.WATCH_EVENTS])
+    for shards in (1, 2, 7):
+        got = v.event_shards(schemas.WATCH_EVENTS, valid, shards).tolist()
+        expected = [outputs.shard_of(_event_key_text(r, key), shards) for r in valid.to_pylist()]
+        assert got == expected
+        by_event = {}
+        for r, s in zip(valid.to_pylist(), got):
+            assert by_event.setdefault(v.dedup_key(schemas.WATCH_EVENTS, r), s) == s
+    assert v.event_shards(schemas.VIDEOS, schemas.videos_schema().empty_table(), 3).tolist() == []
+    searches, _ = v.validate_batch(schemas.SEARCH_EVENTS, pa.Table.from_pylist([search(), search(query="a\x1fb")]), DAY)
+    assert v.event_keys(schemas.SEARCH_EVENTS, searches).to_pylist() == [
+        _event_key_text(r, schemas.DEDUP_KEY[schemas.SEARCH_EVENTS]) for r in searches.to_pylist()]
+    videos, _ = v.validate_batch(schemas.VIDEOS, pa.Table.from_pylist([video(), video(video_id="v2")]), DAY)
+    assert v.event_keys(schemas.VIDEOS, videos).to_pylist() == ["v1", "v2"]
+
+
+def test_validate_range_shards_by_event_key_and_drops_duplicates_across_batches(tmp_path):
+    import apache_beam as beam
+    import pyarrow.parquet as pq
+
+    from transforms import outputs
+
+    day = DAY.isoformat()
+    valid_dirs = {(t, day): str(tmp_path / "valid" / t) for t in schemas.INPUT_TABLES}
+    dead_dirs = {(t, day): str(tmp_path / "dead" / t) for t in schemas.INPUT_TABLES}
+    events = [dict(user_id=f"u{i}", event_ts=T0 + dt.timedelta(seconds=i)) for i in range(40)]
+    first = [watch(**e, watch_time_s=10.0) for e in events]
+    second = [watch(**e, watch_time_s=20.0) for e in events[::2]] + [watch(user_id=None)]  # 20 duplicates, 1 bad
+    with beam.Pipeline() as pipeline:
+        _ = (pipeline | beam.Create([((schemas.WATCH_EVENTS, day), pa_table(first)),
+                                     ((schemas.WATCH_EVENTS, day), pa_table(second))])
+             | v.ValidateRange(valid_dirs, dead_dirs, num_shards=4))
+    key = list(schemas.DEDUP_KEY[schemas.WATCH_EVENTS])
+    kept = []
+    for s in range(4):
+        shard = pq.read_table(outputs.shard_path(valid_dirs[(schemas.WATCH_EVENTS, day)], s, 4)).to_pylist()
+        assert [json.dumps(r, sort_keys=True, default=str) for r in shard] == sorted(
+            json.dumps(r, sort_keys=True, default=str) for r in shard)  # each shard in whole-row key order
+        assert all(outputs.shard_of(_event_key_text(r, key), 4) == s for r in shard)
+        kept += shard
+    assert sorted(r["user_id"] for r in kept) == sorted(e["user_id"] for e in events)
+    assert all(r["watch_time_s"] == 10.0 for r in kept)  # the canonical choice, whatever the batch
+    dead = pq.read_table(str(tmp_path / "dead" / schemas.WATCH_EVENTS)).column("reason").to_pylist()
+    assert sorted(dead) == [v.DUPLICATE_EVENT] * 20 + [v.MISSING_FIELD]
+
+
+def pa_table(rows):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows)

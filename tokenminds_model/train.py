@@ -21,7 +21,8 @@ may change schedule or learning rate when resuming.
 Data: ``tokenminds_model.data.numpy_batches`` (tf.data: interleaved shards, shuffle buffer, ``drop_remainder`` so
 every batch has the same static shape and the step compiles once), repeated as needed. The order is a function of
 ``--seed`` (``--no_shuffle``: shards sorted, records in file order), and ``--skip_batches`` skips batches already
-consumed, so an interrupted run can be resumed exactly. Dropout keys are ``fold_in(seed, global_step)``, so resuming reproduces them.
+consumed, so an interrupted run can be resumed exactly. Dropout keys are ``fold_in(seed, global_step)``, so resuming
+reproduces them.
 
 Devices and precision: the step runs on a data-parallel ``jax.sharding.Mesh`` of the host's devices (``--devices``,
 default every local device that divides the batch), the batch sharded on the ``data`` axis, parameters and optimizer
@@ -72,7 +73,8 @@ from tokenminds_model.model_checkpoints import (ARTIFACT_KIND, CHECKPOINT_ENTRIE
 from tokenminds_model.vocabulary import MANIFEST_FILENAME, VocabularyLayout
 
 __all__ = ["TrainConfig", "TrainResult", "TrainSharding", "train", "load_model", "evaluate", "make_optimizer",
-           "make_train_step", "train_step_for", "make_mesh", "learning_rate_schedule", "opt_state_shapes", "read_examples_metadata",
+           "make_train_step", "train_step_for", "make_mesh", "learning_rate_schedule", "opt_state_shapes",
+           "read_examples_metadata",
            "training_batches", "restore_train_state", "read_checkpoint_document", "TrainingCheckpoint",
            "CheckpointError", "main"]
 
@@ -534,7 +536,6 @@ def train(example_dirs: Sequence[str], output: str, init_from: Optional[str] = N
     check_compatible(config, layout, feature_spec)
 
     fns = model_functions(config)
-    optimizer = make_optimizer(tc, start_step)
     param_shardings = sharding.tree(fns.param_shapes())
     opt_shardings = sharding.tree(opt_state_shapes(fns.param_shapes()))
     if params is None:  # initialised in place (sharded already under fsdp); the values do not depend on the mesh

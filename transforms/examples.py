@@ -18,14 +18,14 @@ One ``tf.train.Example`` per (user, cutoff), every feature fixed-length so accel
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Tuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
 from tokenminds_model.vocabulary import VocabularyLayout
-from transforms import features, outputs, sequences
+from transforms import columnar, features, outputs, sequences
 from transforms import targets as target_lib
 
 EXAMPLE_BUILD_ERROR = "example_build_error"
@@ -55,22 +55,43 @@ def serialize_example(example: Dict[str, Any], spec: Dict[str, Dict[str, Any]]) 
     """One example dict (``sequences.make_user_examples``) -> serialized tf.train.Example, checked against spec."""
     import tensorflow as tf
 
+    proto = tf.train.Example()
+    feature = proto.features.feature
+    for name, entry in spec.items():
+        value = example[name]
+        if entry["dtype"] == "string":
+            feature[name].bytes_list.value.append(str(value).encode("utf-8"))
+            continue
+        array = np.asarray(value)
+        if array.size != int(np.prod(entry["shape"])):
+            raise ValueError(f"feature {name} has {array.size} values, spec says shape {entry['shape']}")
+        flat = array.reshape(-1)
+        # Python lists: the protobuf runtime copies them several times faster than NumPy arrays (item by item).
+        if entry["dtype"] == "int64":
+            feature[name].int64_list.value.extend(flat.astype(np.int64).tolist())
+        else:
+            feature[name].float_list.value.extend(flat.astype(np.float32).tolist())
+    # deterministic=True: the feature map is otherwise serialized in a per-process hash order, so the same example
+    # would have different bytes on different workers.
+    return proto.SerializeToString(deterministic=True)
+
+
+def serialize_example_tf(example: Dict[str, Any], spec: Dict[str, Dict[str, Any]]) -> bytes:
+    """``serialize_example`` as it was first written (one tf.train.Feature per feature): what its bytes are tested
+    against."""
+    import tensorflow as tf
+
     feature = {}
     for name, entry in spec.items():
         value = example[name]
         if entry["dtype"] == "string":
             feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(value).encode("utf-8")]))
             continue
-        array = np.asarray(value)
-        if array.size != int(np.prod(entry["shape"])):
-            raise ValueError(f"feature {name} has {array.size} values, spec says shape {entry['shape']}")
-        flat = array.reshape(-1)
+        flat = np.asarray(value).reshape(-1)
         if entry["dtype"] == "int64":
             feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=flat.astype(np.int64)))
         else:
             feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=flat.astype(np.float32)))
-    # deterministic=True: the feature map is otherwise serialized in a per-process hash order, so the same example
-    # would have different bytes on different workers.
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
@@ -83,10 +104,6 @@ def merge_user_events(snapshots: Iterable[Dict[str, Any]]):
         for search in snapshot["searches"]:
             searches[(search["event_ts_us"], search["query"])] = search
     return [watches[k] for k in sorted(watches)], [searches[k] for k in sorted(searches)]
-
-
-def has_events_in(snapshot: Dict[str, Any], start_us: int, end_us: int) -> bool:
-    return any(start_us <= e["event_ts_us"] < end_us for e in list(snapshot["watches"]) + list(snapshot["searches"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,13 +119,18 @@ def example_stats_record(example: Dict[str, Any], target_rewards: List[float]) -
             "target_scenarios": list(example["target_scenarios"]), "target_rewards": list(target_rewards)}
 
 
+# Rewards are summed exactly, as integers in units of 2**-1100 (every finite float is a whole number of those), so
+# the mean does not depend on the order in which examples reach the combiner (batching, bundles, workers).
+_EXACT_SUM_SCALE = 2 ** 1100
+
+
 class ExampleStats(beam.CombineFn):
     """Examples, targets per example, sequence-length histogram, scenario mix of targets, reward histogram."""
 
     def create_accumulator(self):
         return {"examples": 0, "targets": 0, "targets_per_example": {}, "length_histogram": [0] * (
             len(LENGTH_BUCKETS) - 1), "target_scenarios": {}, "reward_histogram": [0] * (len(REWARD_BUCKETS) - 1),
-                "reward_sum": 0.0, "history_watches": 0, "history_searches": 0}
+                "reward_sum": 0, "history_watches": 0, "history_searches": 0}
 
     def add_input(self, acc, record):
         acc["examples"] += 1
@@ -120,7 +142,8 @@ class ExampleStats(beam.CombineFn):
             acc["target_scenarios"][scenario] = acc["target_scenarios"].get(scenario, 0) + 1
         for r in record["target_rewards"]:
             acc["reward_histogram"][int(np.searchsorted(REWARD_BUCKETS, r, side="right")) - 1] += 1
-            acc["reward_sum"] += r
+            numerator, denominator = float(r).as_integer_ratio()
+            acc["reward_sum"] += numerator * (_EXACT_SUM_SCALE // denominator)
         acc["history_watches"] += record["num_watches"]
         acc["history_searches"] += record["num_searches"]
         return acc
@@ -150,7 +173,7 @@ class ExampleStats(beam.CombineFn):
             "target_scenario_mix": dict(sorted(acc["target_scenarios"].items())),
             "target_reward_histogram": {f"[{lo},{hi})": c for lo, hi, c in zip(
                 REWARD_BUCKETS[:-1], REWARD_BUCKETS[1:], acc["reward_histogram"])},
-            "mean_target_reward": acc["reward_sum"] / max(acc["targets"], 1),
+            "mean_target_reward": acc["reward_sum"] / _EXACT_SUM_SCALE / max(acc["targets"], 1),
             "mean_history_watches": acc["history_watches"] / n,
             "mean_history_searches": acc["history_searches"] / n,
         }
@@ -190,8 +213,8 @@ def prepare_user_events(snapshots: Iterable[Dict[str, Any]], tokenizer, featuriz
                         config: sequences.SequenceConfig) -> UserEvents:
     """Snapshot rows of one user -> the events both training examples and serving inputs are built from.
 
-    The one path shared by ``BuildUserExamples`` (training) and ``serving_history`` (batch refresh), so that the
-    same history gives the same tokens in both.
+    The one path shared by ``reference_user_examples`` (the training specification) and ``serving_history`` (batch
+    refresh), so that the same history gives the same tokens in both.
     """
     watches, searches = merge_user_events(snapshots)
     searches = [search_with_pieces(s, tokenizer, config.max_pieces_per_query) for s in searches]
@@ -210,8 +233,34 @@ def serving_history(snapshots: Iterable[Dict[str, Any]], cutoff_ts_us: int, toke
     return sequences.build_history(events.timeline, cutoff_ts_us, layout, config, events.featurize)
 
 
-class BuildUserExamples(beam.DoFn):
-    """(user_id, [snapshots]) -> serialized examples; tagged outputs for stats records, counts and dead letters."""
+def reference_user_examples(user_id: str, snapshots: Iterable[Dict[str, Any]], tokenizer, featurizer,
+                            ctx: ExampleBuildContext) -> Tuple[List[Dict[str, Any]], List[List[float]]]:
+    """One user's examples and each example's target rewards (the best reward of the target's video in the
+    window), the plain-Python specification that ``columnar.build_batch`` reproduces for many users at once."""
+    events = prepare_user_events(snapshots, tokenizer, featurizer, ctx.config)
+    examples = sequences.make_user_examples(user_id, events.watches, events.searches, ctx.day_start_us,
+                                            ctx.day_end_us, ctx.layout, ctx.config, ctx.seed, events.featurize)
+    rewards = []
+    for example in examples:
+        best = {}
+        for watch in target_lib.look_ahead_window(events.timeline.watches, example["cutoff_ts_us"],
+                                                  ctx.config.window_s):
+            best[watch.video_id] = max(best.get(watch.video_id, 0.0), target_lib.reward(watch, ctx.config.reward))
+        rewards.append([best[v] for v in example["target_video_ids"]])
+    return examples, rewards
+
+
+def pack_snapshot_rows(table, active_in_day=None, trim=None):
+    """(user_id, columnar.Pack) per row of a snapshot table; with ``(start_us, end_us)`` only users active then;
+    with a ``columnar.Trim`` only the events that can reach an example of that day."""
+    if active_in_day is not None:
+        table = table.filter(columnar.active_in(table, *active_in_day))
+    return columnar.pack_snapshots(table, trim)
+
+
+class BuildExampleBatches(beam.DoFn):
+    """[(user_id, [packs of D-1, D, D+1])] -> serialized examples; tagged outputs for stats records, counts and dead
+    letters. One batch of users is built at once (``columnar.build_users``)."""
     STATS, COUNTS, DEAD = "stats", "counts", "dead"
 
     def __init__(self, context: ExampleBuildContext):
@@ -227,73 +276,65 @@ class BuildUserExamples(beam.DoFn):
         self._tokenizer = QueryTokenizer.load(self._context.query_tokenizer_dir, verify=False)  # driver verified
         self._featurizer = features.WatchFeaturizer(self._context.feature_transform_dir)
 
-    def process(self, keyed_snapshots):
-        user_id, snapshots = keyed_snapshots
+    def process(self, users):
         ctx = self._context
         key = (USERS, ctx.date)
-        try:
-            examples, rewards = self._build(user_id, snapshots)
-        except (ValueError, KeyError, TypeError) as err:  # bad data of one user must not fail the day
-            self._errors.inc()
-            from transforms.validation import row_to_json
+        for user_id, built in columnar.build_users(users, ctx.day_start_us, ctx.day_end_us, ctx.layout, ctx.config,
+                                                   ctx.seed, self._tokenizer, self._featurizer):
+            if isinstance(built, Exception):  # bad data of one user must not fail the day
+                self._errors.inc()
+                from transforms.validation import row_to_json
 
-            yield beam.pvalue.TaggedOutput(self.COUNTS, (key + (outputs.DEAD, EXAMPLE_BUILD_ERROR), 1))
-            yield beam.pvalue.TaggedOutput(self.DEAD, {
-                "table": "histories", "reason": EXAMPLE_BUILD_ERROR, "detail": f"{type(err).__name__}: {err}",
-                "raw_row": row_to_json({"user_id": user_id}), "partition_date": ctx.date})
-            return
-        if not examples:
-            yield beam.pvalue.TaggedOutput(self.COUNTS, (key + (outputs.DROPPED, NO_EXAMPLE), 1))
-            return
-        yield beam.pvalue.TaggedOutput(self.COUNTS, (key + (outputs.OUT, ""), 1))
-        yield beam.pvalue.TaggedOutput(self.COUNTS, (("examples", ctx.date, outputs.STAT, "written"),
-                                                     len(examples)))
-        for example, target_rewards in zip(examples, rewards):
-            self._examples.inc()
-            yield serialize_example(example, self._spec)
-            yield beam.pvalue.TaggedOutput(self.STATS, example_stats_record(example, target_rewards))
-
-    def _build(self, user_id, snapshots):
-        ctx = self._context
-        events = prepare_user_events(snapshots, self._tokenizer, self._featurizer, ctx.config)
-        examples = sequences.make_user_examples(user_id, events.watches, events.searches, ctx.day_start_us,
-                                                ctx.day_end_us, ctx.layout, ctx.config, ctx.seed, events.featurize)
-        timeline = events.timeline
-        rewards = []
-        for example in examples:
-            window = target_lib.look_ahead_window(timeline.watches, example["cutoff_ts_us"], ctx.config.window_s)
-            best = {}
-            for watch in window:
-                best[watch.video_id] = max(best.get(watch.video_id, 0.0),
-                                           target_lib.reward(watch, ctx.config.reward))
-            rewards.append([best[v] for v in example["target_video_ids"]])
-        return examples, rewards
+                yield beam.pvalue.TaggedOutput(self.COUNTS, (key + (outputs.DEAD, EXAMPLE_BUILD_ERROR), 1))
+                yield beam.pvalue.TaggedOutput(self.DEAD, {
+                    "table": "histories", "reason": EXAMPLE_BUILD_ERROR, "detail": f"{type(built).__name__}: {built}",
+                    "raw_row": row_to_json({"user_id": user_id}), "partition_date": ctx.date})
+                continue
+            examples, rewards = built
+            if not examples:
+                yield beam.pvalue.TaggedOutput(self.COUNTS, (key + (outputs.DROPPED, NO_EXAMPLE), 1))
+                continue
+            yield beam.pvalue.TaggedOutput(self.COUNTS, (key + (outputs.OUT, ""), 1))
+            yield beam.pvalue.TaggedOutput(self.COUNTS, (("examples", ctx.date, outputs.STAT, "written"),
+                                                         len(examples)))
+            for example, target_rewards in zip(examples, rewards):
+                self._examples.inc()
+                yield serialize_example(example, self._spec)
+                yield beam.pvalue.TaggedOutput(self.STATS, example_stats_record(example, target_rewards))
 
 
 class BuildExamples(beam.PTransform):
-    """Snapshots of D-1, D and D+1 -> {"examples": serialized, "stats": dict, "counts": pairs, "dead": rows}.
+    """Snapshot tables (Arrow, ``ReadFromParquetBatched``) of D-1, D and D+1 -> {"examples": serialized,
+    "stats": dict, "counts": pairs, "dead": rows}.
 
     Only users with an event on day D are built (their cutoffs lie in D); the neighbouring snapshots supply the
-    history before D and the look-ahead window into D+1.
+    history before D and the look-ahead window into D+1. Rows cross the shuffle as compact column packs trimmed to
+    the events that can reach the day's examples (so cost does not grow with history length), and users are built
+    in batches.
     """
 
-    def __init__(self, context: ExampleBuildContext):
+    def __init__(self, context: ExampleBuildContext, max_batch_size: int = 256):
         super().__init__()
-        self._context = context
+        self._context, self._max_batch_size = context, max_batch_size
 
     def expand(self, snapshots_by_day):
         before, day, after = snapshots_by_day
         ctx = self._context
-        active = day | "ActiveUsers" >> beam.Filter(has_events_in, ctx.day_start_us, ctx.day_end_us)
-        keyed = {name: pcoll | f"Key{name}" >> beam.Map(lambda s: (s["user_id"], s))
-                 for name, pcoll in (("before", before), ("day", active), ("after", after))}
+        # Each snapshot is trimmed to what can reach an example of the day before the shuffle (columnar._trim).
+        trim = columnar.Trim.for_day(ctx.day_start_us, ctx.day_end_us, ctx.layout, ctx.config)
+        keyed = {"before": before | "PackBefore" >> beam.FlatMap(pack_snapshot_rows, None, trim),
+                 "day": day | "PackActiveDay" >> beam.FlatMap(pack_snapshot_rows, (ctx.day_start_us, ctx.day_end_us),
+                                                              trim),
+                 "after": after | "PackAfter" >> beam.FlatMap(pack_snapshot_rows, None, trim)}
         joined = (keyed | "JoinSnapshots" >> beam.CoGroupByKey()
                   | "ActiveOnly" >> beam.Filter(lambda kv: len(list(kv[1]["day"])) > 0)
                   | "AllSnapshots" >> beam.MapTuple(
                       lambda user, g: (user, list(g["before"]) + list(g["day"]) + list(g["after"]))))
-        built = joined | "BuildUserExamples" >> beam.ParDo(BuildUserExamples(ctx)).with_outputs(
-            BuildUserExamples.STATS, BuildUserExamples.COUNTS, BuildUserExamples.DEAD, main="examples")
-        users_in = active | "CountUsersIn" >> outputs.CountRows(USERS, ctx.date, outputs.IN)
-        counts = (users_in, built[BuildUserExamples.COUNTS]) | "AllCounts" >> beam.Flatten()
-        stats = built[BuildUserExamples.STATS] | "ExampleStats" >> beam.CombineGlobally(ExampleStats())
-        return {"examples": built.examples, "stats": stats, "counts": counts, "dead": built[BuildUserExamples.DEAD]}
+        built = (joined | "BatchUsers" >> beam.BatchElements(max_batch_size=self._max_batch_size)
+                 | "BuildExampleBatches" >> beam.ParDo(BuildExampleBatches(ctx)).with_outputs(
+                     BuildExampleBatches.STATS, BuildExampleBatches.COUNTS, BuildExampleBatches.DEAD,
+                     main="examples"))
+        users_in = keyed["day"] | "CountUsersIn" >> outputs.CountRows(USERS, ctx.date, outputs.IN)
+        counts = (users_in, built[BuildExampleBatches.COUNTS]) | "AllCounts" >> beam.Flatten()
+        stats = built[BuildExampleBatches.STATS] | "ExampleStats" >> beam.CombineGlobally(ExampleStats())
+        return {"examples": built.examples, "stats": stats, "counts": counts, "dead": built[BuildExampleBatches.DEAD]}

@@ -40,6 +40,10 @@ FEATURE_SIZES: Dict[str, int] = dict(DEFAULT_FEATURE_SIZES)
 # Soft-token vector: z-scored numerics, the two flags, one-hot surface and device.
 SOFT_NUMERIC = ("watch_ratio_z", "watch_time_z", "time_gap_z")
 SOFT_FEATURE_DIM = len(SOFT_NUMERIC) + 2 + FEATURE_SIZES["surface"] + FEATURE_SIZES["device"]
+TRANSFORM_OUTPUTS = tuple(FEATURE_SIZES) + SOFT_NUMERIC
+# WatchFeaturizer pads every TensorFlow call to a multiple of this many rows (64 floats: a multiple of every CPU
+# SIMD packet width, 4 to 16 floats), so that each row's features are the same whatever call it is in.
+PAD_ROWS_TO = 64
 METADATA_FILE = "transform_fn_metadata.json"
 ARTIFACT_KIND = "feature_transform"
 
@@ -169,32 +173,46 @@ def transform_fn_version(transform_dir: str) -> str:
 
 
 class WatchFeaturizer:
-    """Applies a fitted transform_fn to a user's watches. Loaded once per worker; not thread-safe to build.
+    """Applies a fitted transform_fn to raw watch feature columns. Loaded once per worker; not thread-safe to build.
 
-    ``featurize_timeline(watches, gaps)`` returns, per watch, hard bucket ids by layout feature name and the soft
-    feature vector, in one TensorFlow call for the whole timeline.
+    ``featurize_columns(raw)`` returns, per watch, hard bucket ids by layout feature name and the soft feature
+    vector, in one TensorFlow call for all the rows given (a user's timeline, or a whole batch of users).
     """
 
     def __init__(self, transform_dir: str, *, verify: bool = False):
         import tensorflow_transform as tft
 
+        from tensorflow_transform.saved import saved_transform_io_v2
+
         if verify:
             read_transform_metadata(transform_dir)
-        self._output = tft.TFTransformOutput(transform_dir)
+        # The loader finalized for exactly our inputs and outputs, called with a dict: TFTransformOutput's
+        # transform_raw_features first tries positional arguments, fails, formats every tensor into the error
+        # message and only then falls back, which cost 5x the transform itself per call.
+        self._loader = saved_transform_io_v2.SavedModelLoader(
+            tft.TFTransformOutput(transform_dir).transform_savedmodel_dir)
+        self._loader.finalize(RAW_WATCH_FEATURE_COLUMNS, TRANSFORM_OUTPUTS)
 
     def featurize_columns(self, raw_columns: Mapping[str, np.ndarray]):
+        """(buckets by feature name, soft vectors) of every row; a row's result depends on that row alone.
+
+        TensorFlow's CPU kernels compute a call's elements in SIMD packets, except the last ``n % P`` (P the packet
+        width), which go one at a time, and the two paths of log1p differ in the last bit. So every call is padded
+        (with copies of its rows) to a multiple of ``PAD_ROWS_TO``, a multiple of any packet width: every real row
+        takes the packet path, whatever call it is in (a user's timeline, a batch of users, a probe grid).
+        """
         import tensorflow as tf
 
         n = len(raw_columns["watch_ratio"])
         if n == 0:
             return {name: np.zeros((0,), np.int64) for name in FEATURE_SIZES}, np.zeros((0, SOFT_FEATURE_DIM),
                                                                                         np.float32)
-        tensors = {name: tf.constant(np.asarray(raw_columns[name], dtype=dtype))
+        rows = np.resize(np.arange(n), -(-n // PAD_ROWS_TO) * PAD_ROWS_TO)
+        tensors = {name: tf.constant(np.asarray(raw_columns[name], dtype=dtype)[rows])
                    for name, dtype in [(c, np.float32) for c in RAW_NUMERIC_COLUMNS]
                    + [(c, np.int64) for c in RAW_FLAG_COLUMNS]
                    + [(c, object) for c in RAW_CATEGORICAL_COLUMNS]}
-        out = {k: v.numpy() for k, v in self._output.transform_raw_features(tensors, drop_unused_features=True)
-               .items()}
+        out = {k: v.numpy()[:n] for k, v in self._loader.apply_transform_model(tensors).items()}
         buckets = {name: np.clip(out[name].astype(np.int64), 0, FEATURE_SIZES[name] - 1) for name in FEATURE_SIZES}
         soft = np.concatenate([
             np.stack([out[name].astype(np.float32) for name in SOFT_NUMERIC], axis=1),

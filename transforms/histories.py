@@ -6,263 +6,359 @@ previous day's snapshot instead:
 
     snapshot(D) = most_recent(snapshot(D-1) + events(D))
 
-Heavy users (or bots) must neither blow up a worker's memory nor become hot keys, so each user's day is bounded
-*before* the shuffle by ``MostRecentEvents``, a combiner Beam lifts into the map side: at most ``max_events``
-events per user ever cross the network, whatever the user did that day. Events the bound drops are counted, so the
-run summary can show that every input row is either in a snapshot, dropped by design, or dead-lettered.
-
-Snapshot records are plain dicts shaped as ``schemas.HISTORY_WATCH_TYPE`` / ``HISTORY_SEARCH_TYPE``.
+Everything moves as Arrow tables of flat records (``transforms.history_fold``), never one Python object per event:
+per-event Beam coders, DoFn calls and datetimes cost 5-6x the fold itself. Usually (``FoldShards``) yesterday's
+snapshot never crosses a shuffle: its part s holds the users of today's part s, so the day's events are cut into
+one Arrow IPC payload per shard, grouped by shard, and each shard's fold reads yesterday's part, folds it with one
+array sort per table and writes today's. After a backfill, a SID model change or a change of shard count
+(``FoldHistories``), each input row group is cut into one payload per user, the shuffle groups a user's payloads
+(yesterday's snapshot and the day's events), and the fold runs on batches of users. A heavy user's (or bot's) day
+is bounded before the shuffle to the ``max`` most recent events of each row group, and again after it; events the
+bounds drop are counted, so the run summary shows every input row in a snapshot, dropped by design, or
+dead-lettered. Memory is one snapshot shard (``FoldShards``) or, per key, bounded by the history caps.
 """
 from __future__ import annotations
 
-import heapq
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.io.parquetio import ReadAllFromParquetBatched, ReadFromParquetBatched
 from apache_beam.metrics import Metrics
 
+from transforms import history_fold as hf
 from transforms import outputs, schemas
+from transforms.sources import check_partition_files, table_to_rows
+from transforms.validation import parse_timestamp, row_to_json  # one serializer for every dead letter
 
 # A row dropped here goes to the dead-letter output with this reason.
 VIDEO_WITHOUT_SID = "video_without_sid"
+DROPPED_BY_HISTORY_BOUND = "over_daily_history_bound"
+COUNTS, DEAD = "counts", "dead"
+# What a user's shuffled payload holds: (records of the previous snapshot?, watches?).
+OLD_WATCHES, OLD_SEARCHES, WATCHES, SEARCHES = (True, True), (True, False), (False, True), (False, False)
+
+
+def _count(table: str, date: str, kind: str, n: int, reason: str = ""):
+    return beam.pvalue.TaggedOutput(COUNTS, ((table, date, kind, reason), n))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pure functions.
+# Reading: Arrow row groups, not rows.
 # ---------------------------------------------------------------------------------------------------------------
-def watch_recency_key(watch: Dict[str, Any]) -> Tuple:
-    """Total order on a user's watches: by time, ties broken by scenario then video id (never by arrival order)."""
-    return watch["event_ts_us"], watch["scenario"], watch["video_id"]
+class ReadValidated(beam.PTransform):
+    """One day of a validated event table (``validate_inputs``' output) as Arrow tables, one per row group."""
 
-
-def search_recency_key(search: Dict[str, Any]) -> Tuple:
-    return search["event_ts_us"], search["query"]
-
-
-def watch_record(validated_row: Dict[str, Any], sid: Sequence[int]) -> Dict[str, Any]:
-    """A validated watch_events row plus its video's SID, as stored in a snapshot."""
-    return {
-        "video_id": validated_row["video_id"],
-        "scenario": validated_row["scenario"],
-        "event_ts_us": schemas.to_epoch_us(validated_row["event_ts"]),
-        "watch_time_s": float(validated_row["watch_time_s"]),
-        "video_duration_s": float(validated_row["video_duration_s"]),
-        "surface": validated_row["surface"],
-        "device": validated_row["device"],
-        "liked": bool(validated_row["liked"]),
-        "disliked": bool(validated_row["disliked"]),
-        "sid": [int(c) for c in sid],
-    }
-
-
-def search_record(validated_row: Dict[str, Any]) -> Dict[str, Any]:
-    return {"event_ts_us": schemas.to_epoch_us(validated_row["event_ts"]), "query": validated_row["query"]}
-
-
-def most_recent(records: Iterable[Dict[str, Any]], limit: int, key) -> List[Dict[str, Any]]:
-    """The ``limit`` most recent records by ``key``, oldest first."""
-    return sorted(heapq.nlargest(limit, records, key=key), key=key)
-
-
-def fold_history(user_id: str, snapshot_date: str, sid_model_version: str, previous: Optional[Dict[str, Any]],
-                 new_watches: Iterable[Dict[str, Any]], new_searches: Iterable[Dict[str, Any]],
-                 max_watches: int, max_searches: int) -> Dict[str, Any]:
-    """The snapshot after folding a day's events into the previous snapshot (``None`` for a new user)."""
-    old_watches = previous["watches"] if previous else []
-    old_searches = previous["searches"] if previous else []
-    return {
-        "user_id": user_id,
-        "snapshot_date": snapshot_date,
-        "sid_model_version": sid_model_version,
-        "watches": most_recent(list(old_watches) + list(new_watches), max_watches, watch_recency_key),
-        "searches": most_recent(list(old_searches) + list(new_searches), max_searches, search_recency_key),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Bounding a user's day before the shuffle.
-# ---------------------------------------------------------------------------------------------------------------
-class MostRecentEvents(beam.CombineFn):
-    """Keeps the ``max_events`` most recent records of a key and counts the ones it dropped.
-
-    Beam's ``Top.LargestPerKey`` would bound the same way, but drops silently; the count is what lets the run
-    summary account for every row. The accumulator is (min-heap of (key, record), dropped count), so memory per
-    key is bounded by ``max_events`` at every stage of combiner lifting.
-    """
-
-    def __init__(self, max_events: int, recency_key):
+    def __init__(self, validated_root: str, table: str, date):
         super().__init__()
-        self._max, self._key = max_events, recency_key
+        self._root, self._table, self._date = validated_root, table, date
 
-    def create_accumulator(self):
-        return [], 0
+    def expand(self, pbegin):
+        return (pbegin | "ListFiles" >> beam.Create(check_partition_files(self._root, self._table, self._date))
+                | "ReadFiles" >> ReadAllFromParquetBatched(columns=schemas.input_schema(self._table).names))
 
-    def _push(self, heap, dropped, record):
-        item = (self._key(record), record)
-        if len(heap) < self._max:
-            heapq.heappush(heap, item)
-        elif item[0] > heap[0][0]:
-            heapq.heapreplace(heap, item)
-            dropped += 1
-        else:
-            dropped += 1
-        return dropped
 
-    def add_input(self, accumulator, record):
-        heap, dropped = accumulator
-        dropped = self._push(heap, dropped, record)
-        return heap, dropped
-
-    def merge_accumulators(self, accumulators):
-        heap, dropped = [], 0
-        for other_heap, other_dropped in accumulators:
-            dropped += other_dropped
-            for _, record in other_heap:
-                dropped = self._push(heap, dropped, record)
-        return heap, dropped
-
-    def extract_output(self, accumulator):
-        heap, dropped = accumulator
-        return {"events": [record for _, record in sorted(heap, key=lambda item: item[0])], "dropped": dropped}
+def read_video_sids(pipeline: beam.Pipeline, directory: str) -> beam.pvalue.AsSingleton:
+    """Every video's SID as one (video_id, sid) Arrow table, a side input: its size is the catalog's, not the
+    histories', and a lookup by ``pc.index_in`` replaces a shuffle join of every event."""
+    return beam.pvalue.AsSingleton(
+        pipeline
+        | "ReadVideoSids" >> ReadFromParquetBatched(outputs.join(directory, "*.parquet"), columns=["video_id", "sid"])
+        | "AllVideoSids" >> beam.combiners.ToList()
+        | "OneSidTable" >> beam.Map(lambda tables: pa.concat_tables(tables) if tables else pa.table(
+            {"video_id": pa.array([], pa.string()), "sid": pa.array([], pa.list_(pa.int32()))})))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Beam.
+# Records: SIDs attached (or the row dead-lettered), keyed by user.
 # ---------------------------------------------------------------------------------------------------------------
-class _AttachSids(beam.DoFn):
-    """(video_id, {"watches": [...], "sids": [...]}) -> snapshot watch records keyed by user, or dead letters."""
-    DEAD = "dead"
+def _dead_letter(row: Dict, date: str) -> Dict:
+    return {"table": schemas.WATCH_EVENTS, "reason": VIDEO_WITHOUT_SID,
+            "detail": f"video {row['video_id']} has no SID under the current SID model",
+            "raw_row": row_to_json(row), "partition_date": date}
 
-    def __init__(self, date: str):
+
+class _KeyByUser(beam.DoFn):
+    """Arrow tables of events or snapshots -> (user_id, (payload kind, IPC bytes of the user's flat records)), plus
+    dead letters (watches without a SID) and counts."""
+
+    def __init__(self, date: str, table: str, limit=None, key=(), num_shards: int = 0):
         super().__init__()
-        self._date = date
+        self._date, self._table, self._limit, self._key = date, table, limit, key
+        self._num_shards = num_shards  # > 0: key records by their user's snapshot shard, not by user
         self._without_sid = Metrics.counter("update_histories", "watches_without_sid")
 
-    def process(self, joined):
-        video_id, groups = joined
-        sids = list(groups["sids"])
-        sid = sids[0] if sids else None
-        for row in groups["watches"]:
-            if sid is None:
-                self._without_sid.inc()
-                yield beam.pvalue.TaggedOutput(self.DEAD, {
-                    "table": schemas.WATCH_EVENTS, "reason": VIDEO_WITHOUT_SID,
-                    "detail": f"video {video_id} has no SID under the current SID model",
-                    "raw_row": _row_json(row), "partition_date": self._date})
-            else:
-                yield row["user_id"], watch_record(row, sid)
+    def process(self, batch: pa.Table, video_sids=None):
+        if self._table == schemas.HISTORIES:
+            yield from self._snapshots(batch, video_sids)
+            return
+        yield _count(self._table, self._date, outputs.IN, batch.num_rows)
+        if self._table == schemas.SEARCH_EVENTS:
+            yield from self._by_user(hf.search_records(batch), SEARCHES)
+            return
+        records, missing = hf.watch_records(batch, video_sids)
+        dead = table_to_rows(batch.take(pa.array(missing, pa.int64())), batch.column_names)
+        yield from self._dead([{**row, "event_ts": parse_timestamp(row["event_ts"])} for row in dead],
+                              schemas.WATCH_EVENTS)
+        yield from self._by_user(records, WATCHES)
+
+    def _dead(self, rows: List[Dict], table: str):
+        self._without_sid.inc(len(rows))
+        if rows:
+            yield _count(table, self._date, outputs.DEAD, len(rows), VIDEO_WITHOUT_SID)
+        for row in rows:
+            yield beam.pvalue.TaggedOutput(DEAD, _dead_letter(row, self._date))
+
+    def _by_user(self, records: pa.Table, kind, users=None, groups=None):
+        """One payload per user, the day's bounded to the ``limit`` most recent (the drops counted)."""
+        if users is None:
+            users, groups = hf.group_ids(records["user_id"])
+        if kind[0]:  # yesterday's snapshot: already within the caps; the fold orders it
+            kept = np.argsort(groups, kind="stable")
+        else:
+            kept = hf.most_recent(records, groups, self._limit, self._key)
+            if len(kept) < records.num_rows:
+                yield _count(self._table, self._date, outputs.DROPPED, records.num_rows - len(kept),
+                             DROPPED_BY_HISTORY_BOUND)
+        if self._num_shards:
+            yield from self._by_shard(records, kind, users, groups, kept)
+            return
+        parts = records.drop_columns(["user_id"]).take(pa.array(kept, pa.int64()))
+        for group, part in hf.split_by_group(parts, groups[kept], len(users)):
+            yield users[group], (kind, hf.to_ipc(part))
+
+    def _by_shard(self, records: pa.Table, kind, users, groups: np.ndarray, kept: np.ndarray):
+        """One payload per snapshot shard (``outputs.shard_of`` of the user id, hashed once per user), user ids
+        kept: the shuffle groups the day's events by shard, and the fold reads the previous shard itself."""
+        user_shards = np.array([outputs.shard_of(user, self._num_shards) for user in users], np.int64)
+        kept = kept[np.argsort(user_shards[groups[kept]], kind="stable")]
+        parts = records.take(pa.array(kept, pa.int64()))
+        for shard, part in hf.split_by_group(parts, user_shards[groups[kept]], self._num_shards):
+            if part.num_rows:
+                yield shard, (kind, hf.to_ipc(part))
+
+    def _snapshots(self, rows: pa.Table, video_sids):
+        """Yesterday's snapshot rows -> a watches and a searches payload for every user (even empty ones, so every
+        user carries over); with ``video_sids`` (a new SID model), each watch's SID is looked up again."""
+        users = rows["user_id"].to_pylist()
+        if len(set(users)) != len(users):
+            raise ValueError(f"previous snapshot has several rows for one user among {sorted(users)[:5]}...")
+        for kind, column in ((OLD_WATCHES, "watches"), (OLD_SEARCHES, "searches")):
+            records, owners = hf.flatten_snapshots(rows, column)
+            if column == "watches" and video_sids is not None:
+                yield _count(schemas.HISTORIES, self._date, outputs.IN, records.num_rows)
+                remapped, missing = hf.with_sids(records, video_sids, hf.WATCH_RECORD_SCHEMA)
+                dead = records.take(pa.array(missing, pa.int64())).to_pylist()
+                yield from self._dead([{**w, "event_ts": schemas.from_epoch_us(w["event_ts_us"])} for w in dead],
+                                      schemas.HISTORIES)
+                yield _count(schemas.HISTORIES, self._date, outputs.OUT, remapped.num_rows)
+                records, owners = remapped, np.delete(owners, missing)
+            yield from self._by_user(records, kind, users, owners)
 
 
-def _row_json(row):
-    from transforms.validation import row_to_json  # one serializer for every dead-letter row
+class KeyByUser(beam.PTransform):
+    """Arrow tables of ``table`` (validated watch_events or search_events, or ``histories`` snapshot rows) ->
+    {"keyed": (user_id, payload), "dead", "counts"}. ``video_sids`` (a side input) attaches SIDs to watches, and to
+    a snapshot's watches when given for one (after a SID model change). With ``num_shards``, events are keyed by
+    their user's snapshot shard instead (``FoldShards``' input), each payload holding user ids."""
 
-    return row_to_json(row)
-
-
-class AttachSids(beam.PTransform):
-    """Validated watch rows + a video_id -> SID mapping -> {"watches": (user_id, record), "dead": dead letters}."""
-
-    def __init__(self, date: str):
+    def __init__(self, date: str, table: str, max_events: int = 0, video_sids=None, num_shards: int = 0):
         super().__init__()
-        self._date = date
+        key = hf.WATCH_KEY if table == schemas.WATCH_EVENTS else hf.SEARCH_KEY
+        self._fn, self._video_sids = _KeyByUser(date, table, max_events, key, num_shards), video_sids
 
-    def expand(self, inputs):
-        watches, video_sids = inputs
-        by_video = watches | "KeyByVideo" >> beam.Map(lambda row: (row["video_id"], row))
-        joined = {"watches": by_video, "sids": video_sids} | "JoinSids" >> beam.CoGroupByKey()
-        attached = joined | "AttachSid" >> beam.ParDo(_AttachSids(self._date)).with_output_types(
-            Tuple[str, Dict[str, Any]]).with_outputs(_AttachSids.DEAD, main="watches")
-        return {"watches": attached.watches, "dead": attached[_AttachSids.DEAD]}
+    def expand(self, tables):
+        side = [self._video_sids] if self._video_sids is not None else []
+        result = tables | beam.ParDo(self._fn, *side).with_outputs(COUNTS, DEAD, main="keyed")
+        return {"keyed": result.keyed, "dead": result[DEAD], "counts": result[COUNTS]}
 
 
-class RemapSnapshotSids(beam.PTransform):
-    """Snapshots written under an older SID model -> the same snapshots with every watch's SID from ``video_sids``.
-
-    Input: (snapshots, (video_id, sid) pairs). Output: {"snapshots", "dead", "counts"}; watches whose video has no
-    SID under the new model are dead-lettered, and the accounting is reported under the table "histories".
-    """
-
-    def __init__(self, date: str):
-        super().__init__()
-        self._date = date
-
-    def expand(self, inputs):
-        snapshots, video_sids = inputs
-        rows = snapshots | "FlattenWatches" >> beam.FlatMap(
-            lambda snap: [{**w, "user_id": snap["user_id"], "event_ts": schemas.from_epoch_us(w["event_ts_us"])}
-                          for w in snap["watches"]])
-        attached = (rows, video_sids) | "AttachNewSids" >> AttachSids(self._date)
-        regrouped = ({"snapshot": snapshots | "KeyByUser" >> beam.Map(lambda snap: (snap["user_id"], snap)),
-                      "watches": attached["watches"]}
-                     | "Regroup" >> beam.CoGroupByKey()
-                     | "Rebuild" >> beam.MapTuple(lambda _, g: {
-                         **list(g["snapshot"])[0],
-                         "watches": sorted(g["watches"], key=watch_recency_key)}))
-        table, day = schemas.HISTORIES, self._date
-        counts = [rows | "CountIn" >> outputs.CountRows(table, day, outputs.IN),
-                  attached["watches"] | "CountOut" >> outputs.CountRows(table, day, outputs.OUT),
-                  attached["dead"] | "CountDead" >> outputs.CountRows(table, day, outputs.DEAD)]
-        return {"snapshots": regrouped, "dead": attached["dead"],
-                "counts": counts | "AllCounts" >> beam.Flatten()}
-
-
-class FoldHistories(beam.PTransform):
-    """Previous snapshots + a day's keyed watch and search records -> new snapshots and per-user drop counts.
-
-    Input: dict with "previous" (snapshot rows), "watches" and "searches" ((user_id, record) pairs).
-    Output: dict with "snapshots" and "counts": (count key, n) pairs for ``outputs.SummarizeCounts``: the day's
-    events kept in a snapshot (OUT) and those a per-user bound cut off (DROPPED).
-    """
-
-    def __init__(self, snapshot_date: str, sid_model_version: str, max_watches: int, max_searches: int):
-        super().__init__()
-        self._date, self._version = snapshot_date, sid_model_version
-        self._max_watches, self._max_searches = max_watches, max_searches
-
-    def expand(self, inputs):
-        bounded_watches = (inputs["watches"]
-                           | "BoundWatchesPerUser" >> beam.CombinePerKey(
-                               MostRecentEvents(self._max_watches, watch_recency_key)))
-        bounded_searches = (inputs["searches"]
-                            | "BoundSearchesPerUser" >> beam.CombinePerKey(
-                                MostRecentEvents(self._max_searches, search_recency_key)))
-        previous = inputs["previous"] | "KeyPrevious" >> beam.Map(lambda row: (row["user_id"], row))
-        grouped = ({"previous": previous, "watches": bounded_watches, "searches": bounded_searches}
-                   | "GroupByUser" >> beam.CoGroupByKey())
-        folded = grouped | "Fold" >> beam.ParDo(
-            _Fold(self._date, self._version, self._max_watches, self._max_searches)).with_output_types(
-                Dict[str, Any]).with_outputs(
-                _Fold.COUNTS, main="snapshots")
-        return {"snapshots": folded.snapshots, "counts": folded[_Fold.COUNTS]}
-
-
-DROPPED_BY_HISTORY_BOUND = "over_daily_history_bound"
-
-
+# ---------------------------------------------------------------------------------------------------------------
+# The fold.
+# ---------------------------------------------------------------------------------------------------------------
 class _Fold(beam.DoFn):
-    COUNTS = "counts"
+    """A batch of (user_id, payloads) -> one Arrow table of their snapshots, and the day's kept (OUT) and
+    per-user-bound (DROPPED) counts."""
 
     def __init__(self, date, version, max_watches, max_searches):
         super().__init__()
         self._date, self._version, self._max_watches, self._max_searches = date, version, max_watches, max_searches
 
-    def process(self, grouped):
-        user_id, groups = grouped
-        previous = list(groups["previous"])
-        if len(previous) > 1:
-            raise ValueError(f"previous snapshot has {len(previous)} rows for user {user_id!r}")
-        day_watches = list(groups["watches"])
-        day_searches = list(groups["searches"])
-        new_watches = day_watches[0]["events"] if day_watches else []
-        new_searches = day_searches[0]["events"] if day_searches else []
-        for table, bounded in ((schemas.WATCH_EVENTS, day_watches), (schemas.SEARCH_EVENTS, day_searches)):
-            if bounded:
-                # The day's events are newer than anything in the previous snapshot, so all that survived the
-                # per-user bound are in the new snapshot.
-                kept, dropped = len(bounded[0]["events"]), bounded[0]["dropped"]
-                yield beam.pvalue.TaggedOutput(self.COUNTS, ((table, self._date, outputs.OUT, ""), kept))
-                if dropped:
-                    yield beam.pvalue.TaggedOutput(
-                        self.COUNTS, ((table, self._date, outputs.DROPPED, DROPPED_BY_HISTORY_BOUND), dropped))
-        yield fold_history(user_id, self._date, self._version, previous[0] if previous else None,
-                           new_watches, new_searches, self._max_watches, self._max_searches)
+    def process(self, batch: List[Tuple[str, List]]):
+        users = [user for user, _ in batch]
+        parts = {kind: ([], []) for kind in (OLD_WATCHES, OLD_SEARCHES, WATCHES, SEARCHES)}
+        for group, (user, payloads) in enumerate(batch):
+            payloads = list(payloads)
+            if sum(kind == OLD_WATCHES for kind, _ in payloads) > 1:
+                raise ValueError(f"previous snapshot has several rows for user {user!r}")
+            for kind, data in payloads:
+                part = hf.from_ipc(data)
+                parts[kind][0].append(part)
+                parts[kind][1].append(np.full(part.num_rows, group, dtype=np.int64))
+        folded = []
+        for table, old, new, limit, key, schema in (
+                (schemas.WATCH_EVENTS, OLD_WATCHES, WATCHES, self._max_watches, hf.WATCH_KEY,
+                 schemas.HISTORY_WATCH_TYPE),
+                (schemas.SEARCH_EVENTS, OLD_SEARCHES, SEARCHES, self._max_searches, hf.SEARCH_KEY,
+                 schemas.HISTORY_SEARCH_TYPE)):
+            (old_tables, old_groups), (new_tables, new_groups) = parts[old], parts[new]
+            empty = pa.schema(list(schema)).empty_table()
+            records, groups, kept = hf.bound_and_fold(
+                pa.concat_tables([empty, *old_tables]), np.concatenate([np.zeros(0, np.int64), *old_groups]),
+                pa.concat_tables([empty, *new_tables]), np.concatenate([np.zeros(0, np.int64), *new_groups]),
+                limit, key)
+            new_rows = sum(part.num_rows for part in new_tables)
+            # The day's events are newer than anything in the previous snapshot, so all that survived the
+            # per-user bound are in the new snapshot.
+            if new_rows:
+                yield _count(table, self._date, outputs.OUT, kept)
+            if new_rows > kept:
+                yield _count(table, self._date, outputs.DROPPED, new_rows - kept, DROPPED_BY_HISTORY_BOUND)
+            folded += [records, groups]
+        yield hf.snapshots(users, self._date, self._version, *folded)
+
+
+class FoldHistories(beam.PTransform):
+    """Keyed payloads (``KeyByUser``'s, of yesterday's snapshot and the day's events) -> {"snapshots": Arrow tables
+    of HISTORIES_SCHEMA rows, "counts": (count key, n) pairs for ``outputs.SummarizeCounts``}."""
+
+    USERS_PER_BATCH = 256  # enough to amortise the per-batch Arrow calls; at most 256 x (caps) records in memory
+
+    def __init__(self, snapshot_date: str, sid_model_version: str, max_watches: int, max_searches: int):
+        super().__init__()
+        self._fn = _Fold(snapshot_date, sid_model_version, max_watches, max_searches)
+
+    def expand(self, keyed):
+        folded = (keyed
+                  | "GroupByUser" >> beam.GroupByKey()
+                  | "BatchUsers" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.USERS_PER_BATCH)
+                  | "Fold" >> beam.ParDo(self._fn).with_outputs(COUNTS, main="snapshots"))
+        return {"snapshots": folded.snapshots, "counts": folded[COUNTS]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fold shard by shard: yesterday's snapshot never crosses a shuffle.
+# ---------------------------------------------------------------------------------------------------------------
+def is_sharded_snapshot(directory: str, num_shards: int) -> bool:
+    """Whether ``directory`` holds exactly the files ``WriteSnapshots`` writes with ``num_shards`` shards (so its part
+    s holds the users of shard s, as today's will)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    found = {FileSystems.split(m.path)[1]
+             for m in FileSystems.match([outputs.join(directory, "*.parquet")])[0].metadata_list}
+    return found == {FileSystems.split(outputs.shard_path(directory, s, num_shards))[1] for s in range(num_shards)}
+
+
+def read_snapshot_shard(path: str) -> pa.Table:
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    if "://" not in path:
+        return pq.read_table(path)
+    with FileSystems.open(path) as handle:
+        return pq.read_table(pa.BufferReader(handle.read()))
+
+
+class _FoldShard(beam.DoFn):
+    """(shard, {"events": the day's payloads of the shard's users, "shard": [None]}) -> today's part ``shard``:
+    yesterday's part ``shard`` read here, its users and the day's folded with one sort per table, written sorted by
+    user_id (the bytes ``WriteSnapshots`` writes for the same rows); yields the file name, and counts."""
+
+    def __init__(self, date, version, max_watches, max_searches, previous_dir: str, out_dir: str, num_shards: int):
+        super().__init__()
+        self._date, self._version, self._max_watches, self._max_searches = date, version, max_watches, max_searches
+        self._previous_dir, self._out_dir, self._num_shards = previous_dir, out_dir, num_shards
+
+    def _previous(self, shard: int) -> pa.Table:
+        path = outputs.shard_path(self._previous_dir, shard, self._num_shards)
+        rows = read_snapshot_shard(path)
+        user_ids = rows["user_id"].to_pylist()
+        if len(set(user_ids)) != len(user_ids):
+            raise ValueError(f"previous snapshot {path} has several rows for one user")
+        misplaced = [user for user in user_ids if outputs.shard_of(user, self._num_shards) != shard]
+        if misplaced:
+            raise ValueError(f"previous snapshot {path} holds users of other shards (e.g. {misplaced[0]!r}): it was "
+                             f"not written by update_histories with --history_shards={self._num_shards}")
+        return rows
+
+    def process(self, keyed):
+        import pyarrow.compute as pc
+
+        shard, grouped = keyed
+        previous = self._previous(shard)
+        payloads = {WATCHES: [], SEARCHES: []}
+        for kind, data in grouped["events"]:
+            payloads[kind].append(hf.from_ipc(data))
+        new = {kind: pa.concat_tables([schema.empty_table(), *payloads[kind]])
+               for kind, schema in ((WATCHES, hf.WATCH_RECORD_SCHEMA), (SEARCHES, hf.SEARCH_RECORD_SCHEMA))}
+        # Today's users in user_id order (Arrow's byte order, Python's str order): yesterday's and the day's.
+        ids = pa.chunked_array([*previous["user_id"].chunks, *new[WATCHES]["user_id"].chunks,
+                                *new[SEARCHES]["user_id"].chunks], pa.string())
+        users = pc.unique(ids)
+        users = users.take(pc.sort_indices(users))
+        previous_groups = pc.index_in(previous["user_id"], value_set=users).to_numpy(zero_copy_only=False)
+        folded = []
+        for table, kind, column, limit, key in (
+                (schemas.WATCH_EVENTS, WATCHES, "watches", self._max_watches, hf.WATCH_KEY),
+                (schemas.SEARCH_EVENTS, SEARCHES, "searches", self._max_searches, hf.SEARCH_KEY)):
+            old, owners = hf.flatten_snapshots(previous, column, user_ids=False)
+            new_groups = pc.index_in(new[kind]["user_id"], value_set=users).to_numpy(zero_copy_only=False)
+            records, groups, kept = hf.bound_and_fold(
+                old, previous_groups[owners].astype(np.int64), new[kind].drop_columns(["user_id"]),
+                new_groups.astype(np.int64), limit, key)
+            new_rows = new[kind].num_rows
+            if new_rows:
+                yield _count(table, self._date, outputs.OUT, kept)
+            if new_rows > kept:
+                yield _count(table, self._date, outputs.DROPPED, new_rows - kept, DROPPED_BY_HISTORY_BOUND)
+            folded += [records, groups]
+        rows = hf.snapshots(users.to_pylist(), self._date, self._version, *folded)
+        yield _count(schemas.HISTORIES, self._date, outputs.STAT, rows.num_rows, "users")
+        rows = rows.cast(schemas.HISTORIES_SCHEMA).combine_chunks() if rows.num_rows else \
+            schemas.HISTORIES_SCHEMA.empty_table().combine_chunks()
+        yield outputs.write_parquet_file(outputs.shard_path(self._out_dir, shard, self._num_shards), rows)
+
+
+class FoldShards(beam.PTransform):
+    """The day's payloads keyed by shard (``KeyByUser(..., num_shards=n)``) -> today's snapshot files, one per shard
+    (empty ones too), each folded from yesterday's part of the same shard: {"files": file names, "counts"}.
+    Only the day's events are shuffled; memory and cost are one shard's read, sort and rewrite. Needs yesterday's
+    snapshot written with the same shard count (``is_sharded_snapshot``) and the same SID model."""
+
+    def __init__(self, snapshot_date: str, sid_model_version: str, max_watches: int, max_searches: int,
+                 previous_dir: str, out_dir: str, num_shards: int):
+        super().__init__()
+        self._num_shards = num_shards
+        self._fn = _FoldShard(snapshot_date, sid_model_version, max_watches, max_searches, previous_dir, out_dir,
+                              num_shards)
+
+    def expand(self, keyed):
+        every_shard = keyed.pipeline | "EveryShard" >> beam.Create([(s, None) for s in range(self._num_shards)])
+        folded = ({"events": keyed, "shard": every_shard}
+                  | "GroupByShard" >> beam.CoGroupByKey()
+                  | "FoldShard" >> beam.ParDo(self._fn).with_outputs(COUNTS, main="files"))
+        return {"files": folded.files, "counts": folded[COUNTS]}
+
+
+def _shard_pieces(table: pa.Table, directory: str, num_shards: int):
+    """Snapshot rows -> ``outputs.WriteParquetPartitions`` pieces, sharded and sorted as ``WriteParquetShards`` does
+    with key_columns=("user_id",): by the user id itself (a string, so its own ``str``)."""
+    shards = np.array([outputs.shard_of(user, num_shards) for user in table["user_id"].to_pylist()], np.int64)
+    keyed = table.append_column(outputs.SORT_KEY_COLUMN, table["user_id"])
+    for shard in np.unique(shards):
+        yield (directory, int(shard)), keyed.filter(pa.array(shards == shard))
+
+
+class WriteSnapshots(beam.PTransform):
+    """Snapshot tables -> ``<directory>/part-SSSSS-of-NNNNN.parquet``, the files ``WriteParquetShards`` writes for the
+    same rows as dicts (sharded and sorted by user_id), without a dict per row."""
+
+    def __init__(self, directory: str, num_shards: int):
+        super().__init__()
+        self._directory, self._num_shards = directory, num_shards
+
+    def expand(self, tables):
+        return (tables | "ShardPieces" >> beam.FlatMap(_shard_pieces, self._directory, self._num_shards)
+                | "Write" >> outputs.WriteParquetPartitions(
+                    {self._directory: (schemas.HISTORIES_SCHEMA, self._num_shards)}))

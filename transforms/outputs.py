@@ -16,9 +16,10 @@ import json
 import re
 import zlib
 from collections import defaultdict
-from typing import Dict, Iterable, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
@@ -102,6 +103,176 @@ def _row_sort_key(row: Dict, key_columns: Sequence[str]) -> str:
     return json.dumps(row, sort_keys=True, default=str)
 
 
+def row_sort_keys(rows: pa.Table, key_columns: Sequence[str] = ()) -> List[str]:
+    """``WriteParquetShards``' sort key (and shard key) of each row of an Arrow table."""
+    if not key_columns:
+        return row_json_keys(rows).to_pylist()
+    return [_row_sort_key(row, key_columns) for row in rows.to_pylist()]
+
+
+# Whole-row sort keys, built with Arrow kernels: ``json.dumps(row, sort_keys=True, default=str)`` of every row of an
+# Arrow table, the same text byte for byte. Each column is rendered as its JSON text where Arrow can do so exactly
+# (plain ASCII strings, booleans, integers, finite floats that Python writes without an exponent, UTC or naive
+# timestamps of years 1970-9999); a row with any other value (non-ASCII or control characters, lists, exponent
+# floats, ...) gets its key from ``json.dumps`` itself. So the fast path only ever decides which rows need Python.
+# json.dumps (ensure_ascii) writes printable ASCII (" " to "~": ``pc.ascii_is_printable``, true for "") as-is, except
+# " and backslash.
+_MAX_FAST_MICROS = 253402300800 * 1_000_000  # 10000-01-01: four-digit years, as str(datetime) writes them
+
+
+def _digits(values: np.ndarray, width: int) -> np.ndarray:
+    """Non-negative integers as zero-padded ASCII digits, one row of ``width`` bytes each."""
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    return (values[:, None] // powers % 10 + ord("0")).astype(np.uint8)
+
+
+def _datetime_text(micros: np.ndarray, suffix: str) -> pa.Array:
+    """``'"' + str(datetime) + '"'`` for microseconds since the epoch in [0, _MAX_FAST_MICROS): "YYYY-MM-DD
+    HH:MM:SS", then ".ffffff" only where the microseconds are not 0 (as ``datetime.__str__``), then ``suffix``."""
+    n = len(micros)
+    moment = micros.astype("datetime64[us]")
+    days = moment.astype("datetime64[D]")
+    months = moment.astype("datetime64[M]")
+    year = moment.astype("datetime64[Y]").astype(np.int64) + 1970
+    month = months.astype(np.int64) % 12 + 1
+    day = (days - months.astype("datetime64[D]")).astype(np.int64) + 1
+    second_of_day = (micros // 1_000_000) % 86400
+    fraction = micros % 1_000_000
+
+    def const(text):
+        return np.broadcast_to(np.frombuffer(text.encode("ascii"), np.uint8), (n, len(text)))
+
+    tail = const(suffix + '"')
+    cells = np.concatenate([const('"'), _digits(year, 4), const("-"), _digits(month, 2), const("-"), _digits(day, 2),
+                            const(" "), _digits(second_of_day // 3600, 2), const(":"),
+                            _digits(second_of_day // 60 % 60, 2), const(":"), _digits(second_of_day % 60, 2),
+                            const("."), _digits(fraction, 6), tail], axis=1)
+    keep = np.ones(cells.shape, bool)
+    keep[:, 20:27] = (fraction != 0)[:, None]  # '"' + 19 chars, then "." + 6 digits
+    lengths = keep.sum(axis=1)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(cells[keep])))
+
+
+def _json_text(column: pa.Array) -> Tuple[pa.Array, np.ndarray]:
+    """A column's values as JSON text (nulls as ``null``) and a mask of the rows where that text is exact."""
+    import pyarrow.compute as pc
+
+    n = len(column)
+    typ = column.type
+    if pa.types.is_null(typ):
+        return pa.array(["null"] * n, pa.string()), np.ones(n, bool)
+    valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), bool)
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        column = column.cast(pa.string())
+        ok = np.asarray(pc.fill_null(pc.ascii_is_printable(column), False).to_numpy(zero_copy_only=False), bool)
+        escaped = column
+        data = column.buffers()[2]
+        if data is not None and data.size:  # escape only where the (whole) buffer has a " or a backslash
+            raw = np.frombuffer(data, np.uint8)
+            if ((raw == ord('"')) | (raw == ord("\\"))).any():
+                escaped = pc.replace_substring(pc.replace_substring(column, "\\", "\\\\"), '"', '\\"')
+        text = pc.binary_join_element_wise('"', escaped, '"', "")
+        return pc.fill_null(text, "null"), ok | ~valid
+    if pa.types.is_boolean(typ):
+        return pc.fill_null(pc.if_else(column, "true", "false"), "null"), np.ones(n, bool)
+    if pa.types.is_integer(typ):
+        return pc.fill_null(column.cast(pa.string()), "null"), np.ones(n, bool)
+    if typ in (pa.float32(), pa.float64()):
+        values = column.cast(pa.float64())
+        number = values.to_numpy(zero_copy_only=False)
+        with np.errstate(invalid="ignore"):
+            magnitude = np.abs(number)
+            # Python's repr switches to an exponent below 1e-4 and from 1e16; Arrow sooner, so "e" is checked too.
+            ok = (magnitude == 0) | ((magnitude >= 1e-4) & (magnitude < 1e16))
+        text = values.cast(pa.string())
+        ok &= ~np.asarray(pc.fill_null(pc.match_substring(text, "e"), False).to_numpy(zero_copy_only=False), bool)
+        # Arrow writes integral floats without ".0" ("530" for 530.0); Python's repr keeps it.
+        integral = pc.invert(pc.match_substring(text, "."))
+        text = pc.if_else(integral, pc.binary_join_element_wise(text, ".0", ""), text)
+        return pc.fill_null(text, "null"), ok | ~valid
+    if pa.types.is_timestamp(typ) and typ.tz in (None, "UTC", "+00:00", "Etc/UTC"):
+        if typ.unit != "us":
+            return pa.array(["null"] * n, pa.string()), ~valid  # leave other units to Python
+        raw = pc.fill_null(column.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+        ok = (raw >= 0) & (raw < _MAX_FAST_MICROS)
+        raw = np.where(ok, raw, 0)
+        text = _datetime_text(raw, "" if typ.tz is None else "+00:00")
+        return pc.if_else(pa.array(valid), text, "null"), ok | ~valid
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        # A list as json.dumps writes it: "[" + items joined by ", " + "]", each item as above.
+        items, items_ok = _json_text(column.values)  # all the child values; the offsets say which are whose
+        item_lists = type(column).from_arrays(column.offsets, items)
+        offsets = column.offsets.to_numpy(zero_copy_only=False)
+        bad_before = np.concatenate([[0], np.cumsum(~items_ok)])
+        ok = bad_before[offsets[1:]] == bad_before[offsets[:-1]]
+        text = pc.binary_join_element_wise("[", pc.binary_join(item_lists, ", "), "]", "")
+        return pc.if_else(pa.array(valid), text, "null"), ok | ~valid
+    return pa.array(["null"] * n, pa.string()), np.zeros(n, bool)
+
+
+_FEW_ROWS = 64  # below this many rows row_json_keys calls json.dumps itself (measured crossover: about 100 rows)
+
+
+def row_json_keys(rows: pa.Table) -> pa.Array:
+    """``json.dumps(row, sort_keys=True, default=str)`` of each row of ``rows`` (``WriteParquetShards``' key for
+    rows without key columns), as an Arrow string array."""
+    import pyarrow.compute as pc
+
+    n = rows.num_rows
+    if n == 0:
+        return pa.array([], pa.string())
+    if n < _FEW_ROWS:  # the kernels' fixed cost (a few ms a call) outweighs json.dumps on a few rows
+        return pa.array([json.dumps(row, sort_keys=True, default=str) for row in rows.to_pylist()], pa.string())
+    names = sorted(rows.column_names)
+    parts, ok = [], np.ones(n, bool)
+    for i, name in enumerate(names):
+        column = rows.column(name)
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        text, exact = _json_text(column)
+        ok &= exact
+        parts += [("{" if i == 0 else ", ") + json.dumps(name) + ": ", text]
+    keys = pc.binary_join_element_wise(*parts, "}", "") if names else pa.array(["{}"] * n, pa.string())
+    if not ok.all():
+        slow = [json.dumps(row, sort_keys=True, default=str) for row in rows.filter(pa.array(~ok)).to_pylist()]
+        keys = pc.replace_with_mask(keys, pa.array(~ok), pa.array(slow, pa.string()))
+    return keys
+
+
+def shards_of(keys: pa.Array, num_shards: int) -> np.ndarray:
+    """``shard_of`` of each key of an Arrow string array (keys that are valid UTF-8, as Arrow strings are)."""
+    keys = keys.cast(pa.string())
+    if len(keys) == 0:
+        return np.zeros(0, np.int64)
+    if keys.null_count:
+        raise ValueError("sort keys must not be null")
+    offsets = np.frombuffer(keys.buffers()[1], np.int32)[keys.offset:keys.offset + len(keys) + 1].tolist()
+    data = memoryview(keys.buffers()[2])
+    crc32 = zlib.crc32
+    return np.array([crc32(data[a:b]) for a, b in zip(offsets[:-1], offsets[1:])], np.int64) % num_shards
+
+
+SORT_KEY_COLUMN = "_sort_key"
+
+
+def with_sort_keys(rows: pa.Table) -> Tuple[pa.Table, pa.Array]:
+    """``rows`` with their whole-row sort keys (``row_json_keys``) as the column ``SORT_KEY_COLUMN``, and the keys."""
+    keys = row_json_keys(rows)
+    return rows.append_column(SORT_KEY_COLUMN, keys), keys
+
+
+def write_parquet_file(path: str, rows: pa.Table) -> str:
+    import pyarrow.parquet as pq
+
+    with FileSystems.create(path) as handle:
+        pq.write_table(rows, handle, compression="zstd")
+    return path
+
+
+def shard_path(directory: str, shard: int, num_shards: int, ext: str = ".parquet") -> str:
+    return f"{join(directory, 'part')}-{shard:05d}-of-{num_shards:05d}{ext}"
+
+
 class _WriteShard(beam.DoFn):
     """Writes one shard's rows, sorted by key, as ``<prefix>-SSSSS-of-NNNNN.parquet``; yields the file name."""
 
@@ -111,15 +282,10 @@ class _WriteShard(beam.DoFn):
         self._key_columns = tuple(key_columns)
 
     def process(self, keyed):
-        import pyarrow.parquet as pq
-
         shard, grouped = keyed
         rows = sorted(grouped["rows"], key=lambda row: _row_sort_key(row, self._key_columns))
         path = f"{self._prefix}-{shard:05d}-of-{self._num_shards:05d}.parquet"
-        table = pa.Table.from_pylist(rows, schema=self._schema)
-        with FileSystems.create(path) as handle:
-            pq.write_table(table, handle, compression="zstd")
-        yield path
+        yield write_parquet_file(path, pa.Table.from_pylist(rows, schema=self._schema))
 
 
 class WriteParquetShards(beam.PTransform):
@@ -145,6 +311,48 @@ class WriteParquetShards(beam.PTransform):
         return ({"rows": keyed, "shard": every_shard}
                 | "GroupShards" >> beam.CoGroupByKey()
                 | "WriteShards" >> beam.ParDo(_WriteShard(join(self._directory, "part"), self._schema, n, columns)))
+
+
+class _WritePartitionShard(beam.DoFn):
+    """Writes one (directory, shard)'s Arrow pieces, rows sorted by their sort keys; yields the file name."""
+
+    def __init__(self, partitions: Dict[str, Tuple[pa.Schema, int]]):
+        super().__init__()
+        self._partitions = partitions
+
+    def process(self, keyed):
+        import pyarrow.compute as pc
+
+        (directory, shard), grouped = keyed
+        schema, num_shards = self._partitions[directory]
+        pieces = [piece for piece in grouped["pieces"] if piece.num_rows]
+        rows = schema.empty_table()
+        if pieces:
+            rows = pa.concat_tables(pieces)
+            # Sort keys are ASCII JSON (json.dumps escapes the rest), so Arrow's byte order is Python's str order.
+            rows = rows.take(pc.sort_indices(rows, [(SORT_KEY_COLUMN, "ascending")])).drop_columns(SORT_KEY_COLUMN)
+        yield write_parquet_file(shard_path(directory, shard, num_shards), rows.cast(schema).combine_chunks())
+
+
+class WriteParquetPartitions(beam.PTransform):
+    """Columnar ``WriteParquetShards`` for many partitions in one step: elements are ``((directory, shard), rows)``,
+    rows an Arrow table with the schema's columns plus ``SORT_KEY_COLUMN`` (``with_sort_keys``; kept as an Arrow
+    column, not Python strings, so pieces waiting for their shard stay compact), and ``partitions`` maps each
+    directory to (schema, shard count).
+    Each file holds what ``WriteParquetShards`` would write for the same rows (same shard, same order, same bytes)
+    when callers key rows by ``shard_of(row_sort_keys(...))``; every shard of every directory is written, empty ones
+    too. Outputs the written file names."""
+
+    def __init__(self, partitions: Dict[str, Tuple[pa.Schema, int]]):
+        super().__init__()
+        self._partitions = dict(partitions)
+
+    def expand(self, pieces):
+        every_shard = pieces.pipeline | "EveryShard" >> beam.Create(
+            [((d, i), None) for d, (_, n) in sorted(self._partitions.items()) for i in range(n)])
+        return ({"pieces": pieces, "shard": every_shard}
+                | "GroupShards" >> beam.CoGroupByKey()
+                | "WriteShards" >> beam.ParDo(_WritePartitionShard(self._partitions)))
 
 
 class _WriteTFRecordShard(beam.DoFn):
@@ -305,3 +513,41 @@ class SummarizeCounts(beam.PTransform):
                 | "AllCounts" >> beam.combiners.ToList()
                 | "Summarize" >> beam.Map(lambda counts, extra: {**extra, **summarize_counts(counts)},
                                           extra=self._extra))
+
+
+class _WriteDaySummary(beam.DoFn):
+    """One date's summary JSON, then its ``_SUCCESS`` markers, once the side input (every data write) is complete."""
+
+    def __init__(self, summary_paths: Dict[str, str], success_dirs: Dict[str, Sequence[str]],
+                 extra: Dict[str, Dict]):
+        super().__init__()
+        self._summary_paths, self._success_dirs, self._extra = summary_paths, success_dirs, extra
+
+    def process(self, keyed, completed_writes):
+        date, grouped = keyed
+        summary = {**self._extra[date], **summarize_counts(grouped["counts"])}
+        yield write_text_file(self._summary_paths[date], _render_json(summary))
+        for directory in self._success_dirs[date]:
+            write_text_file(join(directory, SUCCESS_MARKER), "")
+
+
+class WriteDailySummaries(beam.PTransform):
+    """Count keys ``((table, date, kind, reason), n)`` of many dates to one summary per date, each written like
+    ``SummarizeCounts`` + ``WriteSummaryAndSuccess`` would (``extra[date]`` merged in), after every PCollection of
+    ``after``; then each date's ``success_dirs``. A date without any count still gets its (empty) summary."""
+
+    def __init__(self, summary_paths: Dict[str, str], success_dirs: Dict[str, Sequence[str]],
+                 extra: Dict[str, Dict], after: beam.PCollection):
+        super().__init__()
+        self._summary_paths, self._success_dirs, self._extra = summary_paths, success_dirs, extra
+        self._after = after
+
+    def expand(self, count_keys):
+        by_date = (count_keys
+                   | "SumPerKey" >> beam.CombinePerKey(sum)
+                   | "ByDate" >> beam.Map(lambda kv: (kv[0][1], kv)))
+        every_date = count_keys.pipeline | "EveryDate" >> beam.Create([(d, None) for d in sorted(self._summary_paths)])
+        return ({"counts": by_date, "date": every_date}
+                | "GroupByDate" >> beam.CoGroupByKey()
+                | "WriteSummaries" >> beam.ParDo(_WriteDaySummary(self._summary_paths, self._success_dirs,
+                                                                  self._extra), beam.pvalue.AsList(self._after)))

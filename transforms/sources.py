@@ -217,6 +217,35 @@ class _ReadParquetPartition(beam.PTransform):
                 | "ToRows" >> beam.ParDo(_ArrowToRows(columns)))
 
 
+class _KeyBatchByPartition(beam.DoFn):
+    """(file, Arrow row group) to ((table, date), row group), the partition looked up by the file's path."""
+
+    def __init__(self, partition_of_file: Dict[str, tuple]):
+        super().__init__()
+        self._partition_of_file = partition_of_file
+
+    def process(self, named_batch):
+        path, batch = named_batch
+        if batch.num_rows:
+            yield self._partition_of_file[path], batch
+
+
+class _ReadParquetRange(beam.PTransform):
+    def __init__(self, table: str, dates: Sequence[dt.date], input_root: str):
+        super().__init__()
+        self._table, self._dates, self._input_root = table, list(dates), input_root
+
+    def expand(self, pbegin):
+        # Every partition is checked (footers, columns) while the job is built, before anything is written.
+        partition_of_file = {path: (self._table, date.isoformat()) for date in self._dates
+                             for path in check_partition_files(self._input_root, self._table, date)}
+        columns = list(schemas.input_schema(self._table).names)
+        return (pbegin
+                | "ListFiles" >> beam.Create(sorted(partition_of_file))
+                | "ReadFiles" >> ReadAllFromParquetBatched(columns=columns, with_filename=True)
+                | "ByPartition" >> beam.ParDo(_KeyBatchByPartition(partition_of_file)))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # BigQuery.
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,6 +395,39 @@ class ReadTable(beam.PTransform):
         if self._source.kind == "parquet":
             return pbegin | _ReadParquetPartition(self._table, self._date, self._source.input_root)
         return pbegin | _ReadBigQueryPartition(self._table, self._date, self._source)
+
+
+class ReadTableBatches(beam.PTransform):
+    """Every partition of one input table over ``dates``, read in one step, as ``((table, "YYYY-MM-DD"), batch)``.
+
+    From Parquet a batch is an Arrow table (one row group, strings not yet decoded: ``validation.validate_batch``
+    reads them as ``table_to_rows`` would); from BigQuery a list of row dicts (one parameterized query per day, see
+    above). Range jobs use this instead of one ``ReadTable`` per day, so a long range is one read, not one branch
+    per date.
+    """
+
+    ROWS_PER_BATCH = 10_000  # for the BigQuery rows, which come one by one
+
+    def __init__(self, table: str, dates: Sequence[dt.date], source: SourceConfig):
+        super().__init__()
+        if table not in schemas.INPUT_TABLES:
+            raise ValueError(f"unknown input table {table!r}; expected one of {schemas.INPUT_TABLES}")
+        self._table, self._dates, self._source = table, list(dates), source
+
+    def expand(self, pbegin):
+        if self._source.kind == "parquet":
+            return pbegin | _ReadParquetRange(self._table, self._dates, self._source.input_root)
+        days = [pbegin | f"Read {date}" >> ReadTable(self._table, date, self._source)
+                | f"Key {date}" >> beam.Map(lambda row, key=(self._table, date.isoformat()): (key, row))
+                for date in self._dates]
+        return (days | "AllDays" >> beam.Flatten()
+                | "Batch" >> beam.GroupIntoBatches(self.ROWS_PER_BATCH))
+
+
+def batch_rows(keyed_batch, columns: Sequence[str]) -> List[Dict]:
+    """A ``ReadTableBatches`` element's rows as ``ReadTable`` gives them (dicts keyed by ``columns``)."""
+    _, batch = keyed_batch
+    return table_to_rows(batch, columns) if isinstance(batch, pa.Table) else list(batch)
 
 
 def source_summary(source: SourceConfig) -> Dict[str, Optional[str]]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from tokenminds_model import vocabulary
 from tokenminds_model.vocabulary import PAD_ID, TOKEN_DTYPE, VocabularyLayout
-from transforms.sequences import (SECOND_US, RewardConfig, SequenceConfig, WatchEvent, WatchLike, as_watch_event,
+from transforms.events import (SECOND_US, RewardConfig, SequenceConfig, WatchEvent, WatchLike, as_watch_event,
                                   event_sort_key, keyed_hash64, uniform_from_hash, watch_ratio)
 
 __all__ = ["RewardConfig", "reward", "look_ahead_window", "target_uniform", "sample_targets", "next_watch_target",

@@ -26,6 +26,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
 from transforms import schemas
@@ -329,6 +331,199 @@ def split_duplicates(table: str, partition_date: dt.date, rows: Sequence[Dict[st
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Columnar: whole Arrow record batches, the rows' verdicts exactly those of ``validate_row``.
+# ---------------------------------------------------------------------------------------------------------------
+# The common case, a column already in its contract type with plainly good values, is checked with Arrow kernels;
+# only the rows that do not pass those checks go through ``validate_row`` one by one, so every reason, detail and
+# edge case (bytes, surrogates, integer ids, odd types) is decided by the one row-level implementation. The fast
+# checks are sufficient conditions for ``validate_row`` to accept a row and give the same clean values.
+_VISIBLE_ASCII = "[!-~]"  # for ASCII text, "has one of these" is exactly "not is_blank"
+_FLOAT_TYPES = (pa.float16(), pa.float32(), pa.float64())
+
+
+def _column(batch: pa.Table, name: str) -> Optional[pa.Array]:
+    if name not in batch.column_names:
+        return None
+    column = batch.column(name)
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _is_text(column: Optional[pa.Array]) -> bool:
+    return column is not None and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type))
+
+
+def _mask(values) -> np.ndarray:
+    return np.asarray(pc.fill_null(values, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _plain_text_ok(column: Optional[pa.Array], max_chars: int) -> np.ndarray:
+    """Non-null ASCII text (so valid UTF-8) with a visible character, at most ``max_chars`` long."""
+    if not _is_text(column):
+        return np.zeros(0 if column is None else len(column), bool)
+    ascii_ = _mask(pc.string_is_ascii(column))
+    only_ascii = pc.if_else(pa.array(ascii_), column, pa.scalar(None, column.type))  # regex sees no bad UTF-8
+    return (ascii_ & _mask(pc.match_substring_regex(only_ascii, _VISIBLE_ASCII))
+            & _mask(pc.less_equal(pc.utf8_length(only_ascii), max_chars)))
+
+
+def _fast_id(batch, name, n):
+    ok = _plain_text_ok(_column(batch, name), schemas.MAX_ID_CHARS)
+    return ok if len(ok) == n else np.zeros(n, bool)
+
+
+def _fast_category(batch, name, n):
+    column = _column(batch, name)
+    if column is None or column.null_count == len(column):
+        return np.ones(n, bool)  # absent or null: the default
+    ok = _plain_text_ok(column, MAX_CATEGORY_CHARS)
+    return ok | _mask(pc.is_null(column)) if len(ok) == n else np.zeros(n, bool)
+
+
+def _fast_scenario(batch, n):
+    column = _column(batch, "scenario")
+    if not _is_text(column):
+        return np.zeros(n, bool)
+    return _mask(pc.is_in(column, value_set=pa.array(schemas.SCENARIOS, column.type)))
+
+
+def _timestamp_micros(column: pa.Array) -> Optional[pa.Array]:
+    """Microseconds since the epoch (UTC instants, as ``parse_timestamp`` reads them), or None for a type the fast
+    path leaves to ``validate_row`` (nanoseconds, strings, dates)."""
+    if column is None or not pa.types.is_timestamp(column.type) or column.type.unit == "ns":
+        return None
+    return column.cast(pa.timestamp("us", tz=column.type.tz)).cast(pa.int64())
+
+
+def _fast_timestamp(batch, name, partition_date, n):
+    micros = _timestamp_micros(_column(batch, name))
+    if micros is None:
+        return np.zeros(n, bool)
+    start, end = schemas.day_bounds(partition_date)
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+    def us(moment):
+        return (moment - epoch) // dt.timedelta(microseconds=1)
+
+    low, high = max(us(start), us(schemas.MIN_VALID_TS)), min(us(end), us(schemas.MAX_VALID_TS))
+    return _mask(pc.and_(pc.greater_equal(micros, low), pc.less(micros, high)))
+
+
+def _fast_number(batch, name, low, high, low_inclusive, n):
+    column = _column(batch, name)
+    if column is None or not (column.type in _FLOAT_TYPES or pa.types.is_integer(column.type)):
+        return np.zeros(n, bool)
+    values = column.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # nulls become NaN
+    with np.errstate(invalid="ignore"):
+        above = values >= low if low_inclusive else values > low
+        return above & (values <= high)  # False for NaN
+
+
+def _fast_flag(batch, name, n):
+    column = _column(batch, name)
+    if column is None or pa.types.is_null(column.type):
+        return np.ones(n, bool)
+    return np.ones(n, bool) if pa.types.is_boolean(column.type) else _mask(pc.is_null(column))
+
+
+def _fast_query(batch, n):
+    ok = _plain_text_ok(_column(batch, "query"), schemas.MAX_QUERY_CHARS)
+    return ok if len(ok) == n else np.zeros(n, bool)
+
+
+def _fast_embedding(batch, embedding_dim, n):
+    column = _column(batch, "content_embedding")
+    if column is None or not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+                              or pa.types.is_fixed_size_list(column.type)) or column.type.value_type != pa.float32():
+        return np.zeros(n, bool)
+    ok = _mask(pc.equal(pc.list_value_length(column), embedding_dim))
+    if ok.any():
+        values = pc.list_flatten(column.filter(pa.array(ok))).to_numpy(zero_copy_only=False)  # nulls become NaN
+        ok[ok] = np.isfinite(values.reshape(-1, embedding_dim)).all(axis=1)
+    return ok
+
+
+def _fast_rows(table: str, batch: pa.Table, partition_date: dt.date, embedding_dim: int) -> np.ndarray:
+    """Rows that ``validate_row`` certainly accepts, found with Arrow kernels."""
+    n = batch.num_rows
+    if table == schemas.WATCH_EVENTS:
+        return (_fast_id(batch, "user_id", n) & _fast_id(batch, "video_id", n)
+                & _fast_timestamp(batch, "event_ts", partition_date, n) & _fast_scenario(batch, n)
+                & _fast_number(batch, "watch_time_s", 0.0, schemas.MAX_WATCH_TIME_S, True, n)
+                & _fast_number(batch, "video_duration_s", 0.0, schemas.MAX_WATCH_TIME_S, False, n)
+                & _fast_category(batch, "surface", n) & _fast_category(batch, "device", n)
+                & _fast_flag(batch, "liked", n) & _fast_flag(batch, "disliked", n))
+    if table == schemas.SEARCH_EVENTS:
+        return (_fast_id(batch, "user_id", n) & _fast_timestamp(batch, "event_ts", partition_date, n)
+                & _fast_query(batch, n))
+    return (_fast_id(batch, "video_id", n) & _fast_scenario(batch, n)
+            & _fast_embedding(batch, embedding_dim, n) & _fast_timestamp(batch, "publish_ts", partition_date, n))
+
+
+def _clean_columns(table: str, batch: pa.Table) -> pa.Table:
+    """The fast rows in contract types: what ``validate_row`` makes of them, as Arrow columns."""
+    schema = schemas.input_schema(table)
+    defaults = schemas.OPTIONAL_DEFAULTS[table]
+    arrays = []
+    for field in schema:
+        column = _column(batch, field.name)
+        if pa.types.is_timestamp(field.type):
+            arrays.append(_timestamp_micros(column).cast(field.type))
+        elif column is None or pa.types.is_null(column.type):
+            arrays.append(pa.array([defaults[field.name]] * batch.num_rows, field.type))
+        else:
+            column = column.cast(field.type, safe=False)
+            arrays.append(pc.fill_null(column, defaults[field.name]) if field.name in defaults else column)
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def validate_batch(table: str, batch, partition_date: dt.date,
+                   embedding_dim: int = schemas.DEFAULT_EMBEDDING_DIM) -> Tuple[pa.Table, list]:
+    """One batch of raw rows (an Arrow table as read, or a list of row dicts) to ``(valid, dead)``: the valid rows
+    as an Arrow table of the contract schema (not yet deduplicated), the rest as dead-letter rows; same verdicts
+    as ``validate_row`` on each row."""
+    from transforms.sources import table_to_rows  # sources imports nothing of this module; kept lazy anyway
+
+    schema = schemas.input_schema(table)
+    if isinstance(batch, pa.Table):
+        fast = _fast_rows(table, batch, partition_date, embedding_dim)
+        clean = _clean_columns(table, batch.filter(pa.array(fast))) if fast.any() else schema.empty_table()
+        rest = table_to_rows(batch.filter(pa.array(~fast)), list(schema.names)) if not fast.all() else []
+    else:
+        clean, rest = schema.empty_table(), list(batch)
+    slow, dead = [], []
+    for row in rest:
+        cleaned, rejection = validate_row(table, row, partition_date, embedding_dim)
+        if rejection is None:
+            slow.append(cleaned)
+        else:
+            dead.append(dead_letter_row(table, partition_date, row, rejection))
+    if slow:
+        clean = pa.concat_tables([clean, pa.Table.from_pylist(slow, schema=schema)])
+    return clean, dead
+
+
+def drop_duplicates(table: str, partition_date: dt.date, valid: pa.Table) -> Tuple[pa.Table, list]:
+    """``valid`` with each event key once, and a dead-letter row for every other row of a key; among duplicates the
+    row kept is ``split_duplicates``' canonical choice (the duplicates themselves are few, so handled as dicts)."""
+    key = list(schemas.DEDUP_KEY[table])
+    indexed = valid.select(key).append_column("_row", pa.array(np.arange(valid.num_rows)))
+    groups = indexed.group_by(key, use_threads=False).aggregate([("_row", "list")])
+    rows_of_key = groups.column("_row_list")
+    sizes = pc.list_value_length(rows_of_key).to_numpy()
+    if (sizes == 1).all():
+        return valid, []
+    keep = np.ones(valid.num_rows, bool)
+    dead = []
+    for members in rows_of_key.filter(pa.array(sizes > 1)).to_pylist():
+        clean = valid.take(pa.array(members)).to_pylist()
+        kept, rejected = split_duplicates(table, partition_date, clean)
+        keep[members] = False
+        keep[members[clean.index(kept)]] = True
+        dead += rejected
+    return valid.filter(pa.array(keep)), dead
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Beam.
 # ---------------------------------------------------------------------------------------------------------------
 class _CheckRows(beam.DoFn):
@@ -394,3 +589,201 @@ class ValidateRows(beam.PTransform):
                            _KeepFirstOfDuplicates.DEAD, main="valid"))
         dead = (checked[_CheckRows.DEAD], deduped[_KeepFirstOfDuplicates.DEAD]) | "AllDead" >> beam.Flatten()
         return {"valid": deduped.valid, "dead": dead}
+
+
+# Range jobs: every (table, date) partition of a range validated in one pass over Arrow batches, each partition
+# deduplicated and written as ``num_shards`` independent groups, (table, date, shard), one per output shard.
+EVENT_KEY_SEPARATOR = "\x1f"
+
+
+def event_keys(table: str, valid: pa.Table) -> pa.Array:
+    """Each valid (clean, contract-typed) row's event key as text: its ``schemas.DEDUP_KEY`` columns joined by
+    ``EVENT_KEY_SEPARATOR``, timestamps as integer microseconds since the epoch; so rows that are duplicates of one
+    event (equal in those columns, as ``drop_duplicates`` groups them) have equal keys. A few Arrow kernels a batch."""
+    parts = []
+    for name in schemas.DEDUP_KEY[table]:
+        column = _column(valid, name)
+        if pa.types.is_timestamp(column.type):
+            column = column.cast(pa.int64())
+        parts.append(column.cast(pa.string()))
+    return pc.binary_join_element_wise(*parts, EVENT_KEY_SEPARATOR, null_handling="replace")
+
+
+def event_shards(table: str, valid: pa.Table, num_shards: int) -> np.ndarray:
+    """The shard of each valid row: ``outputs.shard_of`` of its ``event_keys`` text (crc32), so every duplicate of an
+    event lands in one shard."""
+    from transforms import outputs
+
+    if num_shards == 1 or not valid.num_rows:
+        return np.zeros(valid.num_rows, np.int64)
+    return outputs.shards_of(event_keys(table, valid), num_shards)
+
+
+def dead_shard(dead_row: Dict[str, str], num_shards: int) -> int:
+    """The shard of a row rejected before deduplication (it has no valid event key): a stable hash of the row as it
+    came (its dead-letter ``raw_row``)."""
+    from transforms import outputs
+
+    return outputs.shard_of(dead_row["raw_row"], num_shards) if num_shards > 1 else 0
+
+
+class _ValidateBatch(beam.DoFn):
+    """((table, date), raw batch) to ((table, date, shard), (valid Arrow rows, dead-letter rows)), one element per
+    shard that has rows: valid rows by ``event_shards``, rejected rows by ``dead_shard``. Row counts (in, dead per
+    reason) as a tagged output."""
+    COUNTS = "counts"
+
+    def __init__(self, embedding_dim: int, num_shards: int):
+        super().__init__()
+        self._embedding_dim, self._num_shards = embedding_dim, num_shards
+        self._rows_in = {t: Metrics.counter(f"validate.{t}", "rows_in") for t in _VALIDATORS}
+        self._dead = {(t, r): Metrics.counter(f"validate.{t}", f"rows_dead.{r}") for t in _VALIDATORS
+                      for r in REASONS}
+
+    def process(self, keyed_batch):
+        from transforms import outputs
+
+        (table, date), batch = keyed_batch
+        rows_in = batch.num_rows if isinstance(batch, pa.Table) else len(batch)
+        if not rows_in:
+            return
+        self._rows_in[table].inc(rows_in)
+        yield beam.pvalue.TaggedOutput(self.COUNTS, ((table, date, outputs.IN, ""), rows_in))
+        valid, dead = validate_batch(table, batch, dt.date.fromisoformat(date), self._embedding_dim)
+        for reason, n in sorted(_reason_counts(dead).items()):
+            self._dead[(table, reason)].inc(n)
+            yield beam.pvalue.TaggedOutput(self.COUNTS, ((table, date, outputs.DEAD, reason), n))
+        n = self._num_shards
+        dead_of: Dict[int, list] = {}
+        for row in dead:
+            dead_of.setdefault(dead_shard(row, n), []).append(row)
+        shard = event_shards(table, valid, n)
+        order = np.argsort(shard, kind="stable")
+        bounds = np.searchsorted(shard[order], np.arange(n + 1))
+        for s in range(n):
+            start, end = int(bounds[s]), int(bounds[s + 1])
+            if start == end and s not in dead_of:
+                continue
+            if end - start == valid.num_rows:
+                piece = valid  # the whole batch in one shard (always so with one shard): no copy
+            else:  # a copy, not a slice: a pickled slice would carry the whole batch's buffers
+                piece = valid.take(pa.array(order[start:end]))
+            yield (table, date, s), (piece, dead_of.get(s, []))
+
+
+def _reason_counts(dead: Sequence[Dict[str, str]]) -> Dict[str, int]:
+    reasons: Dict[str, int] = {}
+    for row in dead:
+        reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+    return reasons
+
+
+def _sorted_by_row_key(rows: pa.Table) -> pa.Table:
+    """``rows`` in ``WriteParquetShards``' order (by each row's whole-row JSON key)."""
+    from transforms import outputs
+
+    if rows.num_rows < 2:
+        return rows
+    keys = outputs.row_json_keys(rows)
+    # The keys are ASCII JSON (json.dumps escapes the rest), so Arrow's byte order is Python's str order; the sort
+    # is stable, as ``sorted`` is (rows with one key are identical anyway).
+    return rows.take(pc.sort_indices(keys))
+
+
+class _DeduplicateAndWrite(beam.DoFn):
+    """One (table, date, shard)'s pieces: duplicates dropped (every duplicate of an event is in this shard), then
+    validated shard ``shard`` of ``num_shards`` and dead-letter shard ``shard`` of ``num_shards`` of the partition
+    written, each sorted by the whole-row JSON key; a shard without rows (only the ``None`` that makes every shard
+    a group) gets its empty files. Yields the file names; out and duplicate counts as a tagged output."""
+    COUNTS = "counts"
+
+    def __init__(self, valid_dirs: Dict[Tuple[str, str], str], dead_dirs: Dict[Tuple[str, str], str],
+                 num_shards: int):
+        super().__init__()
+        self._valid_dirs, self._dead_dirs, self._num_shards = valid_dirs, dead_dirs, num_shards
+        self._rows_out = {t: Metrics.counter(f"validate.{t}", "rows_out") for t in _VALIDATORS}
+        self._duplicates = {t: Metrics.counter(f"validate.{t}", f"rows_dead.{DUPLICATE_EVENT}") for t in _VALIDATORS}
+
+    def process(self, keyed_pieces):
+        from transforms import outputs
+
+        (table, date, shard), pieces = keyed_pieces
+        pieces = [p for p in pieces if p is not None]
+        schema = schemas.input_schema(table)
+        valid = [v for v, _ in pieces if v.num_rows]
+        dead = [row for _, d in pieces for row in d]
+        del pieces
+        kept, duplicates = drop_duplicates(table, dt.date.fromisoformat(date),
+                                           pa.concat_tables(valid) if valid else schema.empty_table())
+        del valid
+        if kept.num_rows:  # a count key only where there are rows, as CountRows has it
+            self._rows_out[table].inc(kept.num_rows)
+            yield beam.pvalue.TaggedOutput(self.COUNTS, ((table, date, outputs.OUT, ""), kept.num_rows))
+        if duplicates:
+            self._duplicates[table].inc(len(duplicates))
+            yield beam.pvalue.TaggedOutput(self.COUNTS, ((table, date, outputs.DEAD, DUPLICATE_EVENT),
+                                                         len(duplicates)))
+        yield write_partition_file(self._valid_dirs[(table, date)], shard, self._num_shards, schema,
+                                   _sorted_by_row_key(kept))
+        del kept
+        dead_rows = pa.Table.from_pylist(dead + duplicates, schema=schemas.DEAD_LETTER_SCHEMA)
+        yield write_partition_file(self._dead_dirs[(table, date)], shard, self._num_shards,
+                                   schemas.DEAD_LETTER_SCHEMA, _sorted_by_row_key(dead_rows))
+
+
+def write_partition_file(directory: str, shard: int, num_shards: int, schema: pa.Schema, rows: pa.Table) -> str:
+    """One shard file of a partition, its rows already in order: ``WriteParquetShards``' file for them."""
+    from transforms import outputs
+
+    return outputs.write_parquet_file(outputs.shard_path(directory, shard, num_shards),
+                                      rows.cast(schema).combine_chunks())
+
+
+class ValidateRange(beam.PTransform):
+    """Validates every ``((table, "YYYY-MM-DD"), batch)`` of a range (``sources.ReadTableBatches``: one PCollection,
+    or a dict of them by table) and writes each partition's valid rows to ``valid_dirs[(table, date)]`` and its
+    dead-letter rows to ``dead_dirs[(table, date)]``, ``num_shards`` shards each (empty ones too).
+
+    Columnar: rows travel as Arrow pieces, never one element per row, and a range costs one branch, not one per
+    date. One shuffle, keyed by (table, date, shard): a valid row's shard is a stable hash of its event key
+    (``event_shards``), so all duplicates of an event meet in one group, which drops them and writes that shard's
+    validated and dead-letter files straight away (rows sorted by the whole-row JSON key, as ``WriteParquetShards``
+    orders them). So a worker holds one shard of one partition, never a whole day: more ``num_shards``, less memory
+    per worker. (Unlike ``ValidateRows`` + ``WriteParquetShards``, which shard by the whole-row key, a row's shard
+    follows its event key; each partition holds the same rows.)
+    Returns ``{"written": file names, "counts": ((table, date, kind, reason), n)}`` for ``outputs`` summaries:
+    every row read is counted in, and out or dead (per reason).
+    """
+
+    def __init__(self, valid_dirs: Dict[Tuple[str, str], str], dead_dirs: Dict[Tuple[str, str], str],
+                 num_shards: int, embedding_dim: int = schemas.DEFAULT_EMBEDDING_DIM):
+        super().__init__()
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        if set(valid_dirs) != set(dead_dirs):
+            raise ValueError("valid_dirs and dead_dirs must name the same (table, date) partitions")
+        self._valid_dirs, self._dead_dirs = dict(valid_dirs), dict(dead_dirs)
+        self._num_shards, self._embedding_dim = num_shards, embedding_dim
+
+    def expand(self, batches):
+        # One PCollection of every table's batches, or {table: its batches} (then one "Validate <table>" step each).
+        by_table = batches if isinstance(batches, dict) else {"": batches}
+        keyed = Tuple[Tuple[str, str, int], Any]
+        checks = [pcoll | (f"Validate {table}" if table else "CheckBatches") >> beam.ParDo(
+                      _ValidateBatch(self._embedding_dim, self._num_shards)).with_output_types(keyed).with_outputs(
+                          _ValidateBatch.COUNTS, main="checked")
+                  for table, pcoll in sorted(by_table.items())]
+        pipeline = next(iter(by_table.values())).pipeline
+        # Every (table, date, shard) is a group, so every shard's files are written, those without rows too.
+        every_shard = pipeline | "EveryShard" >> beam.Create(
+            [((t, d, s), None) for t, d in sorted(self._valid_dirs) for s in range(self._num_shards)]
+        ).with_output_types(keyed)
+        deduped = ([c.checked for c in checks] + [every_shard]
+                   | "AllChecked" >> beam.Flatten().with_output_types(keyed)
+                   | "GroupByShard" >> beam.GroupByKey()
+                   | "DeduplicateAndWrite" >> beam.ParDo(
+                       _DeduplicateAndWrite(self._valid_dirs, self._dead_dirs, self._num_shards)).with_outputs(
+                           _DeduplicateAndWrite.COUNTS, main="written"))
+        counts = ([c[_ValidateBatch.COUNTS] for c in checks] + [deduped[_DeduplicateAndWrite.COUNTS]]
+                  | "AllCounts" >> beam.Flatten())
+        return {"written": deduped.written, "counts": counts}

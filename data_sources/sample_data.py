@@ -23,6 +23,10 @@ What is planted, and why:
   later by watches of that topic on surface ``search``.
 * **Engagement.** Watch-time ratios (0 to 1.2 of the duration) are higher for videos matching the user's
   interests; likes are a few percent, dislikes well under one percent.
+* **Long histories (optional).** With ``history_watches`` > 0 each user also gets a prior history of about that
+  many watches on the start date (a dense first day, like a backfill of what they watched before), so the daily
+  jobs see users at the 1,200-watch history cap from the first day on. These watches are spread evenly over the day,
+  of the user's interests and the start-date catalog, with the same engagement model as the sessions' watches.
 * **Bad rows.** About ``bad_row_rate`` of each table's rows are deliberately broken (one defect per row) so the
   validation step has dead letters; how many of each kind is recorded in ``planted_bad_rows``.
 
@@ -91,7 +95,9 @@ _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 
 # Independent random streams, one per concern: changing the number of users does not change the catalog.
-_STREAMS = {"catalog": 1, "users": 2, "sessions": 3, "watches": 4, "searches": 5, "vocabulary": 6, "bad_rows": 7}
+_STREAMS = {"catalog": 1, "users": 2, "sessions": 3, "watches": 4, "searches": 5, "vocabulary": 6, "bad_rows": 7,
+            "history": 8}
+MAX_HISTORY_WATCHES = 20_000  # prior watches per user on the start date: at most about one every four seconds
 
 VIDEO_TRUTH_SCHEMA = pa.schema([
     pa.field("video_id", pa.string()),
@@ -151,6 +157,9 @@ class SampleDataConfig:
     lfv_search_session_prob: float = 0.25  # chance that a session opens with a search
     sfv_search_session_prob: float = 0.08
     words_per_topic: int = 6
+    # Prior history: about this many extra watches per user on the start date (0: none). The paper's histories hold
+    # up to 1,200 watches (schemas' history cap), so e.g. 1200 puts every user near the cap from day one.
+    history_watches: int = 0
 
     def __post_init__(self):
         schemas.parse_date(self.start_date)
@@ -173,6 +182,8 @@ class SampleDataConfig:
             raise ValueError(f"bad_row_rate must be in [0, 0.05), got {self.bad_row_rate}")
         if not 0.0 <= self.both_scenarios_share <= 1.0:
             raise ValueError(f"both_scenarios_share must be in [0, 1], got {self.both_scenarios_share}")
+        if not 0 <= self.history_watches <= MAX_HISTORY_WATCHES:
+            raise ValueError(f"history_watches must be in [0, {MAX_HISTORY_WATCHES}], got {self.history_watches}")
 
     @property
     def dates(self) -> List[str]:
@@ -221,6 +232,8 @@ def generate_sample_dataset(config: SampleDataConfig) -> SampleDataset:
     vocabulary = _make_topic_vocabulary(config)
     sessions = _make_sessions(config, users)
     watches = _make_watches(config, users, catalog, sessions)
+    if config.history_watches:
+        watches = _with_prior_history(watches, _make_history_watches(config, users, catalog))
     searches = _make_searches(config, sessions, vocabulary)
 
     bad_rng = _rng(config, "bad_rows")
@@ -528,13 +541,8 @@ def _make_watches(config: SampleDataConfig, users: Dict[str, np.ndarray], catalo
     video = _VideoPicker(catalog, config.topics, config.days).pick(rng, scenario, topic, day)
     duration = catalog["duration_s"][video]
     matches_interest = (users["interests_by_day"][user, day] == topic[:, None]).any(axis=1)
-
-    # Watch-time ratio: most of the video when it matches the user's interests, a small part otherwise.
     is_lfv = scenario == LFV_CODE
-    beta_a = np.where(matches_interest, np.where(is_lfv, 4.0, 5.0), np.where(is_lfv, 1.2, 1.5))
-    beta_b = np.where(matches_interest, 2.0, np.where(is_lfv, 4.0, 3.0))
-    ratio_scale = np.where(is_lfv & ~matches_interest, 1.0, np.where(is_lfv, 1.1, MAX_WATCH_RATIO))
-    ratio = ratio_scale * rng.beta(beta_a, beta_b)
+    ratio = _watch_ratio(rng, is_lfv, matches_interest)
     watch_time = np.round(ratio * duration, 3)
 
     # Time: the first watch at the session start (a few seconds after the search, if any); each later one after
@@ -550,17 +558,8 @@ def _make_watches(config: SampleDataConfig, users: Dict[str, np.ndarray], catalo
     before_session = running[first] - gap_us[first]
     time_in_day_us = running - np.repeat(before_session, sessions["watches"])
 
-    surface = _categorical(rng, np.cumsum(np.array([SURFACE_PROBS[LFV_CODE], SURFACE_PROBS[SFV_CODE]]), axis=1)
-                           [scenario.astype(np.int64)])
-    surface[from_search] = schemas.SURFACES.index("search")
-    device = np.where(rng.random(n) < PRIMARY_DEVICE_SHARE, users["primary_device"][user],
-                      rng.integers(0, len(schemas.DEVICES), n))
-
-    # Engagement: likes follow watch ratio and interest; dislikes the opposite, and are rare.
-    like_prob = 0.08 * ratio / MAX_WATCH_RATIO * np.where(matches_interest, 1.0, 0.3)
-    dislike_prob = 0.02 * (1.0 - ratio / MAX_WATCH_RATIO) * np.where(matches_interest, 0.2, 1.0)
-    liked = rng.random(n) < like_prob
-    disliked = ~liked & (rng.random(n) < dislike_prob)
+    surface, device, liked, disliked = _surface_device_likes(rng, users, user, scenario, ratio, matches_interest,
+                                                             from_search)
 
     # A session ends at its slot's end: watches that would run past it are never made.
     keep = time_in_day_us < sessions["end_us"][session]
@@ -572,6 +571,71 @@ def _make_watches(config: SampleDataConfig, users: Dict[str, np.ndarray], catalo
     }
     order = np.lexsort((watches["ts_us"][keep], watches["user"][keep], watches["day"][keep]))
     return {name: values[keep][order] for name, values in watches.items()}
+
+
+def _watch_ratio(rng: np.random.Generator, is_lfv: np.ndarray, matches_interest: np.ndarray) -> np.ndarray:
+    """Watch-time ratio: most of the video when it matches the user's interests, a small part otherwise."""
+    beta_a = np.where(matches_interest, np.where(is_lfv, 4.0, 5.0), np.where(is_lfv, 1.2, 1.5))
+    beta_b = np.where(matches_interest, 2.0, np.where(is_lfv, 4.0, 3.0))
+    ratio_scale = np.where(is_lfv & ~matches_interest, 1.0, np.where(is_lfv, 1.1, MAX_WATCH_RATIO))
+    return ratio_scale * rng.beta(beta_a, beta_b)
+
+
+def _surface_device_likes(rng: np.random.Generator, users: Dict[str, np.ndarray], user: np.ndarray,
+                          scenario: np.ndarray, ratio: np.ndarray, matches_interest: np.ndarray,
+                          from_search: np.ndarray):
+    """Where each watch came from (``search`` where it follows a search), its device, and likes and dislikes."""
+    n = len(user)
+    surface = _categorical(rng, np.cumsum(np.array([SURFACE_PROBS[LFV_CODE], SURFACE_PROBS[SFV_CODE]]), axis=1)
+                           [scenario.astype(np.int64)])
+    surface[from_search] = schemas.SURFACES.index("search")
+    device = np.where(rng.random(n) < PRIMARY_DEVICE_SHARE, users["primary_device"][user],
+                      rng.integers(0, len(schemas.DEVICES), n))
+
+    # Engagement: likes follow watch ratio and interest; dislikes the opposite, and are rare.
+    like_prob = 0.08 * ratio / MAX_WATCH_RATIO * np.where(matches_interest, 1.0, 0.3)
+    dislike_prob = 0.02 * (1.0 - ratio / MAX_WATCH_RATIO) * np.where(matches_interest, 0.2, 1.0)
+    liked = rng.random(n) < like_prob
+    disliked = ~liked & (rng.random(n) < dislike_prob)
+    return surface, device, liked, disliked
+
+
+def _make_history_watches(config: SampleDataConfig, users: Dict[str, np.ndarray],
+                          catalog: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Each user's prior history: 90-100% of ``history_watches`` watches on the start date, evenly spread over the
+    day (each in its own slot, so a user's watches never share a timestamp), of the user's interests and scenarios
+    and the start-date catalog. Same columns as ``_make_watches``; drawn from their own stream, so the rest of the
+    dataset is what it is without them."""
+    rng = _rng(config, "history")
+    target = config.history_watches
+    per_user = rng.integers(int(np.ceil(0.9 * target)), target + 1, config.users)
+    user = np.repeat(np.arange(config.users), per_user)
+    day = np.zeros(len(user), np.int64)
+    slot = _ranks_within_groups(per_user)
+    # Slots fill the start date after its first second (the start-date catalog's publish instant is midnight).
+    slot_us = (DAY_US - 2 * SECOND_US) // per_user[user]
+    time_in_day_us = SECOND_US + slot * slot_us + (rng.random(len(user)) * 0.5 * slot_us).astype(np.int64)
+
+    scenario = np.where(rng.random(len(user)) < users["lfv_share"][user], LFV_CODE, SFV_CODE).astype(np.int8)
+    topic = _draw_topics(rng, config, users, user, day)
+    video = _VideoPicker(catalog, config.topics, config.days).pick(rng, scenario, topic, day)
+    duration = catalog["duration_s"][video]
+    matches_interest = (users["interests_by_day"][user, day] == topic[:, None]).any(axis=1)
+    ratio = _watch_ratio(rng, scenario == LFV_CODE, matches_interest)
+    surface, device, liked, disliked = _surface_device_likes(rng, users, user, scenario, ratio, matches_interest,
+                                                             np.zeros(len(user), bool))
+    return {
+        "day": day.astype(np.int32), "user": user.astype(np.int64), "video": video, "scenario": scenario,
+        "ts_us": _start_us(config) + time_in_day_us, "watch_time_s": np.round(ratio * duration, 3),
+        "duration_s": duration, "surface": surface, "device": device, "liked": liked, "disliked": disliked,
+    }
+
+
+def _with_prior_history(watches: Dict[str, np.ndarray], history: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Both sets of watches in one, sorted by (day, user, time) like ``_make_watches``' output."""
+    merged = {name: np.concatenate([values, history[name].astype(values.dtype)]) for name, values in watches.items()}
+    order = np.lexsort((merged["ts_us"], merged["user"], merged["day"]))
+    return {name: values[order] for name, values in merged.items()}
 
 
 def _make_topic_vocabulary(config: SampleDataConfig) -> List[List[str]]:

@@ -1,7 +1,7 @@
 """Convert a real interaction dataset (MovieLens and the like) into the project's input tables.
 
 A one-off bulk conversion done in memory with pyarrow and NumPy, like the sample generator
-(``transforms/sample_data.py``), not a Beam job. The output has the generator's layout:
+(``data_sources/sample_data.py``), not a Beam job. The output has the generator's layout:
 ``<root>/<table>/date=YYYY-MM-DD/part-00000.parquet`` for ``watch_events``, ``search_events`` and ``videos`` (zstd,
 exactly the contract's schemas), ``<root>/_catalog/items.parquet`` (titles, for people reading results) and
 ``<root>/_dataset.json`` (the manifest), so every pipeline runs on it with ``--input_root=<root>
@@ -71,8 +71,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data_sources.sample_data import write_landing_marker
 from transforms import outputs, schemas
-from transforms.sample_data import write_landing_marker
 
 # ---------------------------------------------------------------------------------------------------------------
 # The mapping's constants (recorded in the manifest).

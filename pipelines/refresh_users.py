@@ -14,9 +14,11 @@ Writes  <output_root>/user_representations/date=D/part-*.parquet   one row per u
         <output_root>/dead_letter/user_representations/date=D/     users whose input or inference failed
         with --sink=bigquery also <bq_project>:<bq_output_dataset>.user_representations, partition D replaced
 
-The story: check the model and artifacts agree (before reading any data) -> read the snapshot -> build each user's
-input with the training-example code path -> RunInference (one encoder pass, every scenario decoded) -> rows ->
-write, with failed users dead-lettered and carried over from yesterday while their old row is unexpired.
+The story: check the model and artifacts agree (before reading any data) -> read the snapshot (Arrow tables) ->
+build the users' inputs with the training-example logic, a batch of users per featurizer call -> Reshuffle (a
+fusion break: users spread over the workers) -> RunInference (one encoder pass, every scenario decoded) -> rows ->
+write over --representation_shards files, with failed users dead-lettered and carried over from yesterday while
+their old row is unexpired.
 
 ``generated_at`` is the end of day D (the moment the snapshot describes), so reruns give identical rows;
 ``expires_at = generated_at + --ttl_hours`` (24 h by default, the refresh cadence).
@@ -30,7 +32,7 @@ from typing import Dict, List, Optional
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.parquetio import ReadFromParquet
+from apache_beam.io.parquetio import ReadFromParquetBatched
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.build_examples import SEQUENCE_RANGES, SequenceOptions, sequence_config, vocabulary_layout
@@ -193,10 +195,11 @@ def refresh_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: R
     out_dir = staged(representations_dir(output_root, date))
     dead_dir = staged(dead_letter_dir(output_root, date))
 
-    # 1. Read every user's snapshot as of the end of D.
-    snapshots = pipeline | "ReadSnapshot" >> ReadFromParquet(outputs.join(snapshot_dir(output_root, date),
-                                                                          "*.parquet"))
-    # 2. Build the serving inputs with the training-example code path.
+    # 1. Read every user's snapshot as of the end of D, as Arrow tables.
+    snapshots = pipeline | "ReadSnapshot" >> ReadFromParquetBatched(outputs.join(snapshot_dir(output_root, date),
+                                                                                 "*.parquet"))
+    # 2. Build the serving inputs with the training-example logic, many users per featurizer call; then a fusion
+    #    break (Reshuffle) so that inference is spread over the workers by user.
     built = snapshots | "BuildServingInputs" >> representations.BuildServingInputs(context)
     # 3. Run the model: embedding + every scenario's tokens.
     inferred = built["inputs"] | "InferUsers" >> representations.InferUsers(settings, day)
@@ -206,7 +209,7 @@ def refresh_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: R
     # 4. Users that failed keep yesterday's row while it is unexpired.
     previous_dir = representations_dir(output_root, date - dt.timedelta(days=1))
     if outputs.success_marker_exists(previous_dir):
-        previous = pipeline | "ReadPrevious" >> ReadFromParquet(outputs.join(previous_dir, "*.parquet"))
+        previous = pipeline | "ReadPrevious" >> ReadFromParquetBatched(outputs.join(previous_dir, "*.parquet"))
     else:
         previous = pipeline | "NoPrevious" >> beam.Create([])
     carried = (dead, previous) | "CarryOverFailed" >> representations.CarryOverFailed(generated_at)
@@ -218,7 +221,8 @@ def refresh_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: R
               dead | "WriteDead" >> outputs.WriteParquetShards(dead_dir, schemas.DEAD_LETTER_SCHEMA)]
     if job.sink == "bigquery":
         writes.append(write_to_bigquery(rows, common.bq_project, job.bq_output_dataset, date))
-    counts = ((snapshots | "CountIn" >> outputs.CountRows(representations.USERS, day, outputs.IN)),
+    users_in = (representations.USERS, day, outputs.IN, "")
+    counts = ((snapshots | "CountIn" >> beam.Map(lambda table: (users_in, table.num_rows))),
               (fresh | "CountOut" >> outputs.CountRows(representations.USERS, day, outputs.OUT)),
               (dead | "CountDead" >> outputs.CountRows(representations.USERS, day, outputs.DEAD)),
               (carried | "CountCarried" >> outputs.CountRows(representations.USERS, day, outputs.STAT,

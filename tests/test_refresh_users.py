@@ -76,6 +76,8 @@ def test_every_snapshot_user_gets_a_row_with_the_documented_layout(refreshed):
     snapshot = read_parquet_dir(schemas.partition_dir(refreshed["root"], schemas.HISTORIES, first))
     rows = rows_by_user(refreshed["root"], first)
     assert sorted(rows) == sorted(r["user_id"] for r in snapshot)  # every user, active on the day or not
+    shards = sorted(glob.glob(os.path.join(refresh_users.representations_dir(refreshed["root"], first), "*.parquet")))
+    assert len(shards) == 2 and all(pq.read_metadata(path).num_rows > 0 for path in shards)  # spread over shards
     users = refreshed["summaries"][0]["tables"][representations.USERS][first]
     assert users["rows_in"] == users["rows_out"] == len(snapshot) and users["rows_dead"] == 0
     generated = dt.datetime.combine(dt.date.fromisoformat(first) + dt.timedelta(days=1), dt.time(), UTC)
@@ -230,7 +232,8 @@ def test_refresh_translates_for_dataflow_with_parquet_and_bigquery_sinks(refresh
               *dataflow_args()]
     refresh_users.run(common)
     refresh_users.run(common + ["--sink=bigquery", "--bq_project=tokenminds-ci", "--bq_output_dataset=users"])
-    assert_translated(translated_jobs, 2, "RunInference", "WriteRows", "WriteSummary")
+    # SpreadUsers: the Reshuffle (fusion break) between building the inputs and RunInference.
+    assert_translated(translated_jobs, 2, "SpreadUsers", "RunInference", "WriteRows", "WriteSummary")
     assert any("WriteToBigQuery" in name for name in transform_names(translated_jobs[1]))
     assert not any("WriteToBigQuery" in name for name in transform_names(translated_jobs[0]))
 
@@ -247,3 +250,68 @@ def test_bigquery_rows_target_the_days_partition():
     tokens = next(f for f in schema["fields"] if f["name"] == "user_tokens")
     assert tokens["type"] == "RECORD" and tokens["mode"] == "REPEATED"
     assert {"name": "sid", "type": "INT64", "mode": "REPEATED"} in tokens["fields"]
+
+
+def test_batched_serving_inputs_equal_serving_history_per_user(daily_flow):
+    """transforms.serving featurizes a whole table of snapshot rows in one call; every user's input equals
+    examples.serving_history of that user's row alone (tokens exactly, soft features bit for bit), for the sample's
+    users and for hand-made ones: a history far longer than max_tokens with more searches than max_searches,
+    duplicated events, searches only, no events at all, a missing user_id, and a bad SID (an error of its own)."""
+    import dataclasses
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from pipelines.build_examples import SequenceOptions, sequence_config, vocabulary_layout
+    from tokenminds_model.query_tokenizer import QueryTokenizer
+    from transforms import features, serving
+
+    out = daily_flow["root"] / "out"
+    day = daily_flow["dates"][-1]
+    layout = vocabulary_layout(str(out / "sid_model"), str(out / "query_tokenizer"), str(out / "feature_transform"))
+    tokenizer = QueryTokenizer.load(str(out / "query_tokenizer"))
+    featurizer = features.WatchFeaturizer(str(out / "feature_transform"))
+    cutoff = schemas.to_epoch_us(schemas.day_bounds(dt.date.fromisoformat(day))[1])
+    real = read_parquet_dir(schemas.partition_dir(str(out), schemas.HISTORIES, day))[:60]
+    donor = max(real, key=lambda r: len(r["watches"]))
+    hour = 3600 * 10 ** 6
+    mixed = [next(w for r in real for w in r["watches"] if w["scenario"] == s) for s in ("LFV", "SFV", "SFV")]
+    long_watches = [dict(w, event_ts_us=w["event_ts_us"] - k * hour - i, video_id=f"{w['video_id']}_{k}")
+                    for k in range(150) for i, w in enumerate(mixed)]
+    long_searches = [{"event_ts_us": cutoff - (2 * k + 1) * hour // 7, "query": f"funny cats {k}"} for k in range(70)]
+    base = {"snapshot_date": day, "sid_model_version": donor["sid_model_version"]}
+    made = [dict(base, user_id="long", watches=sorted(long_watches, key=lambda w: w["event_ts_us"]),
+                 searches=long_searches),
+            dict(base, user_id="duplicates", watches=donor["watches"][:4] * 2, searches=long_searches[:3] * 2),
+            dict(base, user_id="search_only", watches=[], searches=long_searches[:5]),
+            dict(base, user_id="nothing", watches=[], searches=[]),
+            dict(base, user_id=None, watches=donor["watches"][:2], searches=[]),
+            dict(base, user_id="bad_sid", watches=[dict(donor["watches"][0], sid=[10 ** 6] * 3)], searches=[])]
+    rows = made[:2] + real + made[2:]
+    table = pa.Table.from_pylist(rows, schema=schemas.HISTORIES_SCHEMA)
+    hard = sequence_config(PipelineOptions([]).view_as(SequenceOptions))
+    for config in (hard, dataclasses.replace(hard, feature_mode="soft"),
+                   dataclasses.replace(hard, include_searches=False, max_tokens=96, scenarios=("LFV",))):
+        built = dict(serving.build_serving_inputs(table, cutoff, layout, config, tokenizer, featurizer))
+        assert sorted(built) == list(range(len(rows)))
+        errors = 0
+        for index, row in enumerate(rows):
+            if row["user_id"] is None:
+                assert isinstance(built[index], ValueError)
+                continue
+            try:
+                expected = examples.serving_history([row], cutoff, tokenizer, featurizer, layout, config)
+            except ValueError as error:  # the batch gives the same error for that user alone
+                assert isinstance(built[index], ValueError) and str(built[index]) == str(error), row["user_id"]
+                errors += 1
+                continue
+            got = built[index]
+            assert got["length"] == expected.length, row["user_id"]
+            np.testing.assert_array_equal(got["tokens"], expected.tokens, err_msg=row["user_id"])
+            if config.feature_mode == "soft":
+                np.testing.assert_array_equal(got["soft_features"], expected.soft_features, err_msg=row["user_id"])
+            else:
+                assert "soft_features" not in got
+        # bad_sid's watch is an SFV one: with only LFV kept it never reaches a history, so it is no error there.
+        assert errors == (0 if config.scenarios == ("LFV",) else 1)
+        lengths = {rows[i]["user_id"]: built[i]["length"] for i in range(len(rows)) if isinstance(built[i], dict)}
+        assert lengths["nothing"] == 0
+        assert lengths["long"] > config.max_tokens - config.watch_token_count(layout) - 10

@@ -2,8 +2,10 @@
 
 Pieces of ``pipelines.refresh_users``, in pipeline order:
 
-- ``BuildServingInputs``: snapshot row -> (user_id, history arrays) by ``examples.serving_history``, the code path of
-  training examples (same vocabulary, transform_fn, truncation); users whose input cannot be built are dead-lettered.
+- ``BuildServingInputs``: snapshot rows, an Arrow table at a time -> (user_id, history arrays) by
+  ``serving.build_serving_inputs`` (many users per featurizer call), equal to ``examples.serving_history``, the code
+  path of training examples (same vocabulary, transform_fn, truncation); users whose input cannot be built are
+  dead-lettered. A Reshuffle after it spreads the users over the workers before inference.
 - ``JaxUserModelHandler``: Beam ``ModelHandler`` over ``tokenminds_model.inference.UserInference``: the checkpoint is
   loaded once per worker process and shared by its threads (RunInference's shared handle), every batch is padded to
   one shape so jit compiles once, one encoder pass per user feeds the embedding and every scenario's beam search.
@@ -23,16 +25,19 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from tokenminds_model.vocabulary import VocabularyLayout
-from transforms import examples, features, outputs, schemas, sequences
+from transforms import features, outputs, schemas, sequences, serving
 from transforms.validation import row_to_json
 
 USERS = "users"
 SERVING_INPUT_ERROR = "serving_input_error"
 INFERENCE_ERROR = "inference_error"
 CARRIED_OVER = "carried_over_from_previous_day"
+SERVING_BATCH_SIZE = 512  # users per featurizer call when building serving inputs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -44,20 +49,25 @@ def vocabulary_version(layout: VocabularyLayout) -> str:
     return "vocab-" + hashlib.sha256(manifest).hexdigest()[:16]
 
 
-def user_token_records(layout: VocabularyLayout, decoded: Mapping[str, Tuple[np.ndarray, np.ndarray]]
-                       ) -> List[Dict[str, Any]]:
+def user_token_records(layout: VocabularyLayout, decoded: Mapping[str, Tuple[np.ndarray, np.ndarray]],
+                       token_text: Optional[Dict[Tuple[int, int], str]] = None) -> List[Dict[str, Any]]:
     """One user's decoded prefixes, ``{scenario: (codes int[top_n, L], scores float[top_n])}``, -> the
-    ``user_tokens`` column: best first per scenario; empty slots (score -inf, codes -1) are left out."""
+    ``user_tokens`` column: best first per scenario; empty slots (score -inf, codes -1) are left out.
+
+    ``token_text``: a dict kept across calls (one per worker) of each (level, code)'s token string, worked out
+    once instead of once per decoded token."""
+    token_text = {} if token_text is None else token_text
     records = []
     for scenario, (codes, scores) in decoded.items():
-        rank = 0
-        for prefix, score in zip(np.asarray(codes), np.asarray(scores)):
-            if not np.isfinite(score) or np.any(prefix < 0):
-                continue
-            sid = [int(c) for c in prefix]
-            records.append({"scenario": scenario, "rank": rank, "sid": sid, "score": float(score),
-                            "token": layout.format_tokens(layout.sid_tokens(sid, prefix_len=len(sid)))})
-            rank += 1
+        codes, scores = np.asarray(codes), np.asarray(scores)
+        kept = np.isfinite(scores) & ~(codes < 0).any(axis=-1)
+        for rank, (sid, score) in enumerate(zip(codes[kept].tolist(), scores[kept].tolist())):
+            pieces = [token_text.get(level_code) for level_code in enumerate(sid)]
+            if None in pieces:
+                pieces = layout.format_tokens(layout.sid_tokens(sid, prefix_len=len(sid))).split(" ")
+                token_text.update(zip(enumerate(sid), pieces))
+            records.append({"scenario": scenario, "rank": rank, "sid": sid, "score": score,
+                            "token": " ".join(pieces)})
     return records
 
 
@@ -93,12 +103,14 @@ class ServingContext:
     date: str
 
 
-class _BuildServingInput(beam.DoFn):
+class _BuildServingInputs(beam.DoFn):
+    """Arrow tables of snapshot rows -> (user_id, serving input) per row, ``max_batch_size`` users per featurizer
+    call (``serving.build_serving_inputs``); a row whose input cannot be built -> a dead letter (tag ``DEAD``)."""
     DEAD = "dead"
 
-    def __init__(self, context: ServingContext):
+    def __init__(self, context: ServingContext, max_batch_size: int):
         super().__init__()
-        self._context = context
+        self._context, self._max_batch_size = context, max_batch_size
 
     def setup(self):
         from tokenminds_model.query_tokenizer import QueryTokenizer
@@ -106,23 +118,24 @@ class _BuildServingInput(beam.DoFn):
         self._tokenizer = QueryTokenizer.load(self._context.query_tokenizer_dir, verify=False)  # driver verified
         self._featurizer = features.WatchFeaturizer(self._context.feature_transform_dir)
 
-    def process(self, snapshot):
+    def process(self, table):
         ctx = self._context
-        try:
-            user_id = snapshot["user_id"]
-            if not isinstance(user_id, str) or not user_id:
-                raise ValueError(f"snapshot row without a user_id: {user_id!r}")
-            history = examples.serving_history([snapshot], ctx.cutoff_ts_us, self._tokenizer, self._featurizer,
-                                               ctx.layout, ctx.config)
-        except (ValueError, KeyError, TypeError) as err:  # one user's bad history must not fail the night
-            yield beam.pvalue.TaggedOutput(self.DEAD, dead_letter(
-                snapshot.get("user_id") if isinstance(snapshot, dict) else None, SERVING_INPUT_ERROR, err, ctx.date,
-                snapshot))
-            return
-        serving_input = {"tokens": history.tokens, "length": history.length}
-        if history.soft_features is not None:
-            serving_input["soft_features"] = history.soft_features
-        yield user_id, serving_input
+        for start in range(0, table.num_rows, self._max_batch_size):
+            chunk = table.slice(start, self._max_batch_size)
+            user_ids = serving.user_ids_of(chunk)
+            for row, built in serving.build_serving_inputs(chunk, ctx.cutoff_ts_us, ctx.layout, ctx.config,
+                                                           self._tokenizer, self._featurizer):
+                if isinstance(built, Exception):  # one user's bad history must not fail the night
+                    raw = chunk.slice(row, 1).to_pylist()[0]
+                    yield beam.pvalue.TaggedOutput(self.DEAD, dead_letter(
+                        user_ids[row], SERVING_INPUT_ERROR, built, ctx.date, raw))
+                    continue
+                # Only the real tokens cross the shuffle (stack_histories pads them again, to one shape).
+                n = built["length"]
+                serving_input = {"tokens": built["tokens"][:n].astype(np.int32), "length": n}
+                if "soft_features" in built:
+                    serving_input["soft_features"] = built["soft_features"][:n]
+                yield user_ids[row], serving_input
 
 
 def dead_letter(user_id: Optional[str], reason: str, error: Any, date: str, raw: Any = None) -> Dict[str, Any]:
@@ -133,16 +146,20 @@ def dead_letter(user_id: Optional[str], reason: str, error: Any, date: str, raw:
 
 
 class BuildServingInputs(beam.PTransform):
-    """Snapshot rows -> {"inputs": (user_id, {"tokens", "length"[, "soft_features"]}), "dead": dead-letter rows}."""
+    """Snapshot tables (Arrow, ``ReadFromParquetBatched``) -> {"inputs": (user_id, {"tokens": the history's
+    ``length`` tokens, "length"[, "soft_features"]}), "dead": dead-letter rows}, then a Reshuffle of the inputs: a
+    fusion break, so that inference is spread over the workers by user rather than run where a snapshot file was
+    read."""
 
-    def __init__(self, context: ServingContext):
+    def __init__(self, context: ServingContext, max_batch_size: int = SERVING_BATCH_SIZE):
         super().__init__()
-        self._context = context
+        self._context, self._max_batch_size = context, max_batch_size
 
-    def expand(self, snapshots):
-        built = snapshots | "BuildServingInput" >> beam.ParDo(_BuildServingInput(self._context)).with_outputs(
-            _BuildServingInput.DEAD, main="inputs")
-        return {"inputs": built.inputs, "dead": built[_BuildServingInput.DEAD]}
+    def expand(self, snapshot_tables):
+        built = snapshot_tables | "BuildServingInputs" >> beam.ParDo(
+            _BuildServingInputs(self._context, self._max_batch_size)).with_outputs(_BuildServingInputs.DEAD,
+                                                                                   main="inputs")
+        return {"inputs": built.inputs | "SpreadUsers" >> beam.Reshuffle(), "dead": built[_BuildServingInputs.DEAD]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,7 +212,10 @@ class JaxUserModelHandler(ModelHandler[Dict[str, np.ndarray], PredictionResult, 
                 for i, item in enumerate(batch)]
 
     def batch_elements_kwargs(self):
-        return {"min_batch_size": 1, "max_batch_size": self._settings.batch_size}
+        # Full batches from the start: every call is padded to batch_size rows anyway, so BatchElements' ramp-up
+        # from 1 (its default) would only run padding. A bundle's last batch may be partial.
+        size = self._settings.batch_size
+        return {"min_batch_size": size, "max_batch_size": size}
 
     def get_metrics_namespace(self) -> str:
         return "refresh_users"
@@ -240,14 +260,23 @@ class ToRepresentationRows(beam.PTransform):
         self._args = (layout, snapshot_date, dict(versions), generated_at, ttl)
 
     def expand(self, results):
+        return results | "ToRow" >> beam.ParDo(_ToRow(*self._args))
+
+
+class _ToRow(beam.DoFn):
+    def __init__(self, layout: VocabularyLayout, snapshot_date: str, versions: Mapping[str, str],
+                 generated_at: dt.datetime, ttl: dt.timedelta):
+        super().__init__()
+        self._args = (layout, snapshot_date, versions, generated_at, ttl)
+
+    def setup(self):
+        self._token_text: Dict[Tuple[int, int], str] = {}
+
+    def process(self, result):
         layout, snapshot_date, versions, generated_at, ttl = self._args
-
-        def to_row(user_id, inference):
-            embedding, decoded = inference
-            tokens = user_token_records(layout, decoded)
-            return representation_row(user_id, snapshot_date, embedding, tokens, versions, generated_at, ttl)
-
-        return results | "ToRow" >> beam.MapTuple(to_row)
+        user_id, (embedding, decoded) = result
+        tokens = user_token_records(layout, decoded, self._token_text)
+        yield representation_row(user_id, snapshot_date, embedding, tokens, versions, generated_at, ttl)
 
 
 def carry_over(previous: Dict[str, Any], generated_at: dt.datetime) -> Optional[Dict[str, Any]]:
@@ -262,29 +291,30 @@ def carry_over(previous: Dict[str, Any], generated_at: dt.datetime) -> Optional[
 
 class CarryOverFailed(beam.PTransform):
     """Dead-lettered users whose previous representation is unexpired keep it (same generated_at / expires_at, so a
-    lookup still sees when it runs out) with ``carried_over_from`` set. Input: (dead rows, previous day's rows)."""
+    lookup still sees when it runs out) with ``carried_over_from`` set. Input: (dead rows, previous day's rows as
+    Arrow tables, ``ReadFromParquetBatched``). Only the failed users' previous rows become Python rows: the failed
+    user ids (few) are a side input, so yesterday's table is filtered where it is read and never shuffled."""
 
     def __init__(self, generated_at: dt.datetime):
         super().__init__()
         self._generated_at = generated_at
 
     def expand(self, inputs):
-        dead, previous = inputs
+        dead, previous_tables = inputs
         failed = (dead | "FailedUsers" >> beam.Filter(lambda row: row.get("user_id") is not None)
-                  | "KeyFailed" >> beam.Map(lambda row: (row["user_id"], None)))
-        keyed_previous = previous | "KeyPrevious" >> beam.Map(lambda row: (row["user_id"], row))
+                  | "FailedIds" >> beam.Map(lambda row: row["user_id"]))
+        return previous_tables | "KeepPrevious" >> beam.FlatMap(_carried_rows, beam.pvalue.AsList(failed),
+                                                                self._generated_at)
 
-        def kept(joined, generated_at):
-            _, groups = joined
-            if not list(groups["failed"]):
-                return
-            for row in groups["previous"]:
-                carried = carry_over(row, generated_at)
-                if carried is not None:
-                    yield carried
 
-        return ({"failed": failed, "previous": keyed_previous} | "JoinPrevious" >> beam.CoGroupByKey()
-                | "KeepPrevious" >> beam.FlatMap(kept, self._generated_at))
+def _carried_rows(previous: pa.Table, failed_ids: List[str], generated_at: dt.datetime):
+    if not failed_ids or not previous.num_rows:
+        return
+    wanted = pc.is_in(previous.column("user_id"), value_set=pa.array(sorted(set(failed_ids)), pa.string()))
+    for row in previous.filter(wanted).to_pylist():
+        carried = carry_over(row, generated_at)
+        if carried is not None:
+            yield carried
 
 
 class StorageFigures(beam.CombineFn):

@@ -17,6 +17,7 @@ Any error in a batch is retried user by user, so one user's bad data dead-letter
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -28,7 +29,7 @@ from tokenminds_model import vocabulary
 from tokenminds_model.vocabulary import PAD_ID, SEARCH_ID, SOFT_ID, TOKEN_DTYPE, VocabularyLayout
 from transforms import schemas
 from transforms.events import MAX_WATCH_RATIO, SECOND_US, FIRST_EVENT_GAP_S, SequenceConfig, keyed_hash64
-from transforms.events import keyed_hasher, uniform_from_hash
+from transforms.events import _hash_field, uniform_from_hash
 
 _DEFAULTS = schemas.OPTIONAL_DEFAULTS[schemas.WATCH_EVENTS]
 _WATCH_STRINGS = ("video_id", "surface", "device")
@@ -65,6 +66,54 @@ class Pack(NamedTuple):
     null_required: bool  # a required value is missing: the user is an error, as in ``as_watch_event``
     floor_ts: int = NO_FLOOR
     error: str = ""
+
+    def __reduce__(self):
+        """Pickled as one bytes payload and a few ints (every array's bytes back to back): what crosses the shuffle,
+        several times cheaper to pickle and unpickle than a dozen NumPy arrays."""
+        (video, video_offsets), (surface, surface_offsets), (device, device_offsets) = self.w_strings
+        query, query_offsets = self.s_query
+        blobs = [video, surface, device, query]
+        payload = b"".join([_raw(self.w_ts, _I8), _raw(self.w_num, _F8), _raw(self.w_small, _I1),
+                            _raw(self.w_sid_offsets, _I8), _raw(self.w_sid, _I8), _raw(video_offsets, _I8),
+                            _raw(surface_offsets, _I8), _raw(device_offsets, _I8), _raw(self.s_ts, _I8),
+                            _raw(query_offsets, _I8)] + blobs)
+        return _unpack, (len(self.w_ts), len(self.w_sid), len(self.s_ts), tuple(len(b) for b in blobs), payload,
+                         bool(self.null_required), int(self.floor_ts), self.error)
+
+
+_I8, _F8, _I1 = np.dtype(np.int64), np.dtype(np.float64), np.dtype(np.int8)
+
+
+def _raw(array: np.ndarray, dtype: np.dtype) -> bytes:
+    """The array's values as ``dtype``, C order (``tobytes`` copies any layout to C order)."""
+    return array.tobytes() if array.dtype == dtype else np.asarray(array, dtype).tobytes()
+
+
+def _unpack(n: int, sids: int, searches: int, blob_lengths: Tuple[int, ...], payload: bytes, null_required: bool,
+            floor_ts: int, error: str) -> Pack:
+    """``Pack.__reduce__``'s inverse: arrays are read-only views of the payload."""
+    position = 0
+
+    def take(dtype, count, shape=None):
+        nonlocal position
+        array = np.frombuffer(payload, dtype, count, position)
+        position += array.nbytes
+        return array if shape is None else array.reshape(shape)
+
+    w_ts = take(np.int64, n)
+    w_num = take(np.float64, 2 * n, (n, 2))
+    w_small = take(np.int8, 3 * n, (n, 3))
+    w_sid_offsets = take(np.int64, n + 1)
+    w_sid = take(np.int64, sids)
+    string_offsets = [take(np.int64, n + 1) for _ in _WATCH_STRINGS]
+    s_ts = take(np.int64, searches)
+    query_offsets = take(np.int64, searches + 1)
+    blobs = []
+    for length in blob_lengths:
+        blobs.append(payload[position:position + length])
+        position += length
+    return Pack(w_ts, w_num, w_small, w_sid_offsets, w_sid, tuple(zip(blobs[:-1], string_offsets)), s_ts,
+                (blobs[-1], query_offsets), null_required, floor_ts, error)
 
 
 class Trim(NamedTuple):
@@ -126,10 +175,17 @@ def _nth_newest(ts: np.ndarray, row: np.ndarray, rows: int, n: int) -> np.ndarra
     out = np.full(rows, NO_FLOOR, np.int64)
     if not len(ts):
         return out
-    order = np.lexsort([-ts, row])
     counts = np.bincount(row, minlength=rows)
-    starts = np.cumsum(counts) - counts
     enough = counts >= n
+    ends = np.cumsum(counts)
+    # Snapshots hold each row's events in time order, nearly always: then a row's n-th newest is n from its end
+    # (rows are contiguous), with no sort. Otherwise sort each row newest first.
+    new_row = row[1:] != row[:-1]
+    if bool(((ts[1:] >= ts[:-1]) | new_row).all()) and bool((row[1:] >= row[:-1]).all()):
+        out[enough] = ts[ends[enough] - n]
+        return out
+    order = np.lexsort([-ts, row])
+    starts = ends - counts
     out[enough] = ts[order[starts[enough] + n - 1]]
     return out
 
@@ -367,6 +423,7 @@ class Batch:
         is_watch = self.kind == 1  # each kept watch's position among its user's kept watches
         self.watch_rank = np.cumsum(is_watch) - 1 - (np.cumsum(is_watch) - is_watch)[self.user_bounds[self.user]]
         self.w_ts = w_ts[w]
+        self.target_hash_keys: Dict[int, bytes] = {}  # watch -> its hashed (video, time) fields (``_targets``)
         self.ratio = np.minimum(np.maximum(self.watch_time_s / self.duration_s, 0.0), MAX_WATCH_RATIO)
 
 
@@ -428,9 +485,21 @@ def _targets_and_rewards(batch: Batch, watches: np.ndarray, cutoff: int, reward:
     if config.target_mode == "next":
         picked = [int(i) for i in window[reward[window] > 0.0][:1]]
     else:
-        target_hash = keyed_hasher("target", seed, user_id, cutoff)
-        keyed = sorted((-math.log(uniform_from_hash(target_hash(video, int(batch.w_ts[i])))) / r, i)
-                       for video, (i, r) in best.items() if r > 0.0)  # ties (equal 53-bit hashes) by timeline order
+        # keyed_hasher("target", seed, user_id, cutoff)(video, ts), with each watch's (video, ts) fields hashed
+        # once per batch (a watch is in the window of several cutoffs).
+        base = hashlib.blake2b(digest_size=8)
+        base.update(b"".join([_hash_field("target"), _hash_field(seed), _hash_field(user_id), _hash_field(cutoff)]))
+        keys = batch.target_hash_keys
+        keyed = []
+        for video, (i, r) in best.items():
+            if r > 0.0:
+                key = keys.get(i)
+                if key is None:
+                    key = keys[i] = _hash_field(video) + _hash_field(int(batch.w_ts[i]))
+                digest = base.copy()
+                digest.update(key)
+                keyed.append((-math.log(uniform_from_hash(int.from_bytes(digest.digest(), "big"))) / r, i))
+        keyed.sort()  # ties (equal 53-bit hashes) by timeline order
         picked = [i for _, i in keyed[:config.max_targets]]
     return picked, [best[video_ids[i]][1] for i in picked]
 

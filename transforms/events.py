@@ -340,6 +340,13 @@ def watch_ratio(watch: WatchLike) -> float:
 # Keyed hashing (never Python's salted hash() or global random state).
 # ---------------------------------------------------------------------------------------------------------------
 def _hash_field(field: Union[str, int]) -> bytes:
+    kind = type(field)
+    if kind is str:  # the common cases first, without the isinstance chain
+        data = field.encode("utf-8")
+        return b"s" + len(data).to_bytes(8, "big") + data
+    if kind is int:
+        data = str(field).encode("ascii")
+        return b"i" + len(data).to_bytes(8, "big") + data
     if isinstance(field, str):
         tag, data = b"s", field.encode("utf-8")
     elif isinstance(field, (int, np.integer)) and not isinstance(field, (bool, np.bool_)):
@@ -368,8 +375,7 @@ def keyed_hasher(*prefix: Union[str, int]) -> Callable[..., int]:
 
     def hash64(*fields: Union[str, int]) -> int:
         digest = base.copy()
-        for field in fields:
-            digest.update(_hash_field(field))
+        digest.update(b"".join([_hash_field(field) for field in fields]))
         return int.from_bytes(digest.digest(), "big")
 
     return hash64

@@ -208,3 +208,61 @@ def test_shard_by_shard_fold_rejects_a_snapshot_sharded_otherwise(tmp_path):
     write_validated(tmp_path, D2, [], [])
     with pytest.raises(Exception, match="holds users of other shards"):
         run(tmp_path, D2, "--history_shards=2")
+
+
+def test_parquet_file_writer_writes_the_bytes_of_one_write_in_row_groups(tmp_path):
+    table = pa.table({"k": [f"u{i:03d}" for i in range(300)], "v": pa.array([[i] * (i % 4) for i in range(300)])})
+    outputs.write_parquet_file(str(tmp_path / "whole.parquet"), table, row_group_size=128)
+    with outputs.ParquetFileWriter(str(tmp_path / "streamed.parquet"), table.schema, 128) as writer:
+        for start, stop in ((0, 5), (5, 200), (200, 200), (200, 300)):  # any cut of the rows
+            writer.write(table.slice(start, stop - start))
+    assert (tmp_path / "whole.parquet").read_bytes() == (tmp_path / "streamed.parquet").read_bytes()
+    assert pq.ParquetFile(str(tmp_path / "whole.parquet")).metadata.num_row_groups == 3
+    empty = table.schema.empty_table()
+    outputs.write_parquet_file(str(tmp_path / "e1.parquet"), empty, row_group_size=128)
+    with outputs.ParquetFileWriter(str(tmp_path / "e2.parquet"), table.schema, 128):
+        pass
+    assert (tmp_path / "e1.parquet").read_bytes() == (tmp_path / "e2.parquet").read_bytes()
+
+
+def test_streamed_shard_fold_writes_row_groups_of_users_with_the_rows_of_one_whole_fold(tmp_path, monkeypatch):
+    """Row groups of 2 users: the streamed fold (yesterday's part read 2 users at a time, new users sorting between
+    them) writes the bytes of the fold by user, and the rows of a fold written as one row group per file."""
+    from transforms import histories
+
+    users = [f"user{i:02d}" for i in range(20)]
+    write_sids(tmp_path, D1, {"v1": (1, 1, 1), "v2": (2, 2, 2)})
+    write_validated(tmp_path, D1, [watch(user_id=u, video_id="v1", event_ts=at(D1, 9, i)) for i, u in enumerate(users)],
+                    [search(user_id=u, event_ts=at(D1, 8), query=u) for u in users[::3]])
+    run(tmp_path, D1, "--backfill_days=1", "--history_shards=2")
+    write_sids(tmp_path, D2, {"v1": (1, 1, 1), "v2": (2, 2, 2)})
+    new_users = ["a_first", "user05b", "user10b", "user11b", "zz_last"]  # before, between and after yesterday's
+    write_validated(tmp_path, D2, [watch(user_id=u, video_id="v2", event_ts=at(D2, 10, m))
+                                   for u in users[5:12] + new_users for m in range(3)],
+                    [search(user_id=u, event_ts=at(D2, 12), query="dogs") for u in new_users[::2] + users[:3]])
+    d2 = update_histories.snapshot_dir(str(tmp_path), D2)
+
+    def fold_d2(group_users, by_shard=True):
+        monkeypatch.setattr(histories, "SNAPSHOT_ROW_GROUP_USERS", group_users)
+        monkeypatch.setattr(histories, "is_sharded_snapshot", lambda directory, num_shards: by_shard)
+        summary, snap = run(tmp_path, D2, "--history_shards=2", "--max_history_watches=2")
+        tables = [pq.read_table(outputs.shard_path(d2, s, 2)) for s in range(2)]
+        groups = [pq.ParquetFile(outputs.shard_path(d2, s, 2)).metadata.num_row_groups for s in range(2)]
+        return summary, snap, _snapshot_bytes(tmp_path, D2), tables, groups
+
+    summary, snap, streamed, streamed_rows, groups = fold_d2(2)
+    assert set(snap) == set(users) | set(new_users) and sum(groups) >= 12
+    assert [w["video_id"] for w in snap["user05"]["watches"]] == ["v2", "v2"]
+    assert snap["user10b"]["searches"][0]["query"] == "dogs" and snap["user00"]["watches"][0]["video_id"] == "v1"
+    summary_by_user, _, by_user, _, _ = fold_d2(2, by_shard=False)
+    assert by_user == streamed and summary_by_user["tables"] == summary["tables"]
+    _, _, _, whole_rows, whole_groups = fold_d2(10 ** 6)
+    assert whole_groups == [1, 1] and all(a.equals(b) for a, b in zip(streamed_rows, whole_rows))
+
+    # A previous part not sorted by user_id (not written by this job) is folded whole, to the same rows.
+    d1 = update_histories.snapshot_dir(str(tmp_path), D1)
+    for s in range(2):
+        part = pq.read_table(outputs.shard_path(d1, s, 2))
+        outputs.write_parquet_file(outputs.shard_path(d1, s, 2), part.take(pa.array(range(part.num_rows)[::-1])))
+    _, _, unsorted, _, _ = fold_d2(2)
+    assert unsorted == streamed

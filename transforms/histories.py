@@ -9,13 +9,14 @@ previous day's snapshot instead:
 Everything moves as Arrow tables of flat records (``transforms.history_fold``), never one Python object per event:
 per-event Beam coders, DoFn calls and datetimes cost 5-6x the fold itself. Usually (``FoldShards``) yesterday's
 snapshot never crosses a shuffle: its part s holds the users of today's part s, so the day's events are cut into
-one Arrow IPC payload per shard, grouped by shard, and each shard's fold reads yesterday's part, folds it with one
-array sort per table and writes today's. After a backfill, a SID model change or a change of shard count
-(``FoldHistories``), each input row group is cut into one payload per user, the shuffle groups a user's payloads
-(yesterday's snapshot and the day's events), and the fold runs on batches of users. A heavy user's (or bot's) day
-is bounded before the shuffle to the ``max`` most recent events of each row group, and again after it; events the
-bounds drop are counted, so the run summary shows every input row in a snapshot, dropped by design, or
-dead-lettered. Memory is one snapshot shard (``FoldShards``) or, per key, bounded by the history caps.
+one Arrow IPC payload per shard, grouped by shard, and each shard's fold streams yesterday's part, folding and
+writing ``SNAPSHOT_ROW_GROUP_USERS`` users at a time with one array sort per table. After a backfill, a SID model
+change or a change of shard count (``FoldHistories``), each input row group is cut into one payload per user, the
+shuffle groups a user's payloads (yesterday's snapshot and the day's events), and the fold runs on batches of users.
+A heavy user's (or bot's) day is bounded before the shuffle to the ``max`` most recent events of each row group, and
+again after it; events the bounds drop are counted, so the run summary shows every input row in a snapshot, dropped
+by design, or dead-lettered. Memory is a group of users plus one shard's day (``FoldShards``) or, per key, bounded by
+the history caps. Snapshot files hold row groups of ``SNAPSHOT_ROW_GROUP_USERS`` users, so their readers' is too.
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ from transforms.validation import parse_timestamp, row_to_json  # one serializer
 VIDEO_WITHOUT_SID = "video_without_sid"
 DROPPED_BY_HISTORY_BOUND = "over_daily_history_bound"
 COUNTS, DEAD = "counts", "dead"
+# Users per row group of a snapshot file: a reader (build_examples' ReadFromParquetBatched, the next day's fold)
+# decodes one row group at a time, so this bounds its memory to 128 users' histories, not a shard's.
+SNAPSHOT_ROW_GROUP_USERS = 128
 # What a user's shuffled payload holds: (records of the previous snapshot?, watches?).
 OLD_WATCHES, OLD_SEARCHES, WATCHES, SEARCHES = (True, True), (True, False), (False, True), (False, False)
 
@@ -250,74 +254,118 @@ def is_sharded_snapshot(directory: str, num_shards: int) -> bool:
     return found == {FileSystems.split(outputs.shard_path(directory, s, num_shards))[1] for s in range(num_shards)}
 
 
-def read_snapshot_shard(path: str) -> pa.Table:
+def open_snapshot_shard(path: str):
+    """A snapshot part as a ``pq.ParquetFile`` (read row group by row group, not whole), and the handle to close."""
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
-    if "://" not in path:
-        return pq.read_table(path)
-    with FileSystems.open(path) as handle:
-        return pq.read_table(pa.BufferReader(handle.read()))
+    handle = open(path, "rb") if "://" not in path else FileSystems.open(path)
+    return pq.ParquetFile(handle), handle
 
 
 class _FoldShard(beam.DoFn):
-    """(shard, {"events": the day's payloads of the shard's users, "shard": [None]}) -> today's part ``shard``:
-    yesterday's part ``shard`` read here, its users and the day's folded with one sort per table, written sorted by
-    user_id (the bytes ``WriteSnapshots`` writes for the same rows); yields the file name, and counts."""
+    """(shard, {"events": the day's payloads of the shard's users, "shard": [None]}) -> today's part ``shard``, folded
+    from yesterday's part ``shard`` and the day's events, streamed: today's users (yesterday's and the day's, sorted
+    by user_id) are folded ``SNAPSHOT_ROW_GROUP_USERS`` at a time, each group written as one row group as it is made,
+    so memory is one group of users plus the shard's day, not the shard. Writes the bytes ``WriteSnapshots`` writes
+    for the same rows; yields the file name, and counts."""
 
     def __init__(self, date, version, max_watches, max_searches, previous_dir: str, out_dir: str, num_shards: int):
         super().__init__()
         self._date, self._version, self._max_watches, self._max_searches = date, version, max_watches, max_searches
         self._previous_dir, self._out_dir, self._num_shards = previous_dir, out_dir, num_shards
 
-    def _previous(self, shard: int) -> pa.Table:
-        path = outputs.shard_path(self._previous_dir, shard, self._num_shards)
-        rows = read_snapshot_shard(path)
-        user_ids = rows["user_id"].to_pylist()
+    def _check(self, path: str, user_ids: List[str], shard: int) -> bool:
+        """Whether yesterday's part's user ids are sorted (as written); raises if it is not a part of ``shard``."""
         if len(set(user_ids)) != len(user_ids):
             raise ValueError(f"previous snapshot {path} has several rows for one user")
         misplaced = [user for user in user_ids if outputs.shard_of(user, self._num_shards) != shard]
         if misplaced:
             raise ValueError(f"previous snapshot {path} holds users of other shards (e.g. {misplaced[0]!r}): it was "
                              f"not written by update_histories with --history_shards={self._num_shards}")
-        return rows
+        return all(a < b for a, b in zip(user_ids, user_ids[1:]))
+
+    @staticmethod
+    def _previous_rows(source, in_order: bool, order: np.ndarray, batch_users: int):
+        """Yesterday's rows in user_id order, a batch at a time (read whole and sorted if the file is not sorted)."""
+        if not in_order:
+            rows = source.read().take(pa.array(order, pa.int64()))
+            for start in range(0, rows.num_rows, batch_users):
+                yield rows.slice(start, batch_users)
+            return
+        for batch in source.iter_batches(batch_size=batch_users):
+            yield pa.Table.from_batches([batch])
 
     def process(self, keyed):
         import pyarrow.compute as pc
 
         shard, grouped = keyed
-        previous = self._previous(shard)
+        group_users = SNAPSHOT_ROW_GROUP_USERS
         payloads = {WATCHES: [], SEARCHES: []}
         for kind, data in grouped["events"]:
             payloads[kind].append(hf.from_ipc(data))
         new = {kind: pa.concat_tables([schema.empty_table(), *payloads[kind]])
                for kind, schema in ((WATCHES, hf.WATCH_RECORD_SCHEMA), (SEARCHES, hf.SEARCH_RECORD_SCHEMA))}
-        # Today's users in user_id order (Arrow's byte order, Python's str order): yesterday's and the day's.
-        ids = pa.chunked_array([*previous["user_id"].chunks, *new[WATCHES]["user_id"].chunks,
-                                *new[SEARCHES]["user_id"].chunks], pa.string())
-        users = pc.unique(ids)
-        users = users.take(pc.sort_indices(users))
-        previous_groups = pc.index_in(previous["user_id"], value_set=users).to_numpy(zero_copy_only=False)
-        folded = []
-        for table, kind, column, limit, key in (
-                (schemas.WATCH_EVENTS, WATCHES, "watches", self._max_watches, hf.WATCH_KEY),
-                (schemas.SEARCH_EVENTS, SEARCHES, "searches", self._max_searches, hf.SEARCH_KEY)):
-            old, owners = hf.flatten_snapshots(previous, column, user_ids=False)
-            new_groups = pc.index_in(new[kind]["user_id"], value_set=users).to_numpy(zero_copy_only=False)
-            records, groups, kept = hf.bound_and_fold(
-                old, previous_groups[owners].astype(np.int64), new[kind].drop_columns(["user_id"]),
-                new_groups.astype(np.int64), limit, key)
-            new_rows = new[kind].num_rows
-            if new_rows:
-                yield _count(table, self._date, outputs.OUT, kept)
-            if new_rows > kept:
-                yield _count(table, self._date, outputs.DROPPED, new_rows - kept, DROPPED_BY_HISTORY_BOUND)
-            folded += [records, groups]
-        rows = hf.snapshots(users.to_pylist(), self._date, self._version, *folded)
-        yield _count(schemas.HISTORIES, self._date, outputs.STAT, rows.num_rows, "users")
-        rows = rows.cast(schemas.HISTORIES_SCHEMA).combine_chunks() if rows.num_rows else \
-            schemas.HISTORIES_SCHEMA.empty_table().combine_chunks()
-        yield outputs.write_parquet_file(outputs.shard_path(self._out_dir, shard, self._num_shards), rows)
+        del payloads
+        path = outputs.shard_path(self._previous_dir, shard, self._num_shards)
+        source, handle = open_snapshot_shard(path)
+        try:
+            previous_ids = source.read(columns=["user_id"])["user_id"]
+            in_order = self._check(path, previous_ids.to_pylist(), shard)
+            # Today's users in user_id order (Arrow's byte order, Python's str order): yesterday's and the day's.
+            ids = pa.chunked_array([*previous_ids.chunks, *new[WATCHES]["user_id"].chunks,
+                                    *new[SEARCHES]["user_id"].chunks], pa.string())
+            users = pc.unique(ids)
+            users = users.take(pc.sort_indices(users))
+            # Each previous row's (and, by kind, each day's record's) position among today's users, in that order.
+            previous_at = pc.index_in(previous_ids, value_set=users).to_numpy(zero_copy_only=False).astype(np.int64)
+            previous_order = np.argsort(previous_at, kind="stable")
+            previous_at = previous_at[previous_order]
+            days = {}
+            for kind in (WATCHES, SEARCHES):
+                at = pc.index_in(new[kind]["user_id"], value_set=users).to_numpy(zero_copy_only=False)
+                order = np.argsort(at, kind="stable")
+                days[kind] = (new[kind].drop_columns(["user_id"]).take(pa.array(order, pa.int64())),
+                              at[order].astype(np.int64))
+            new_rows = {kind: new[kind].num_rows for kind in new}
+            del new
+            kept = {WATCHES: 0, SEARCHES: 0}
+            batches = self._previous_rows(source, in_order, previous_order, group_users)
+            pending = source.schema_arrow.empty_table()
+            out_path = outputs.shard_path(self._out_dir, shard, self._num_shards)
+            with outputs.ParquetFileWriter(out_path, schemas.HISTORIES_SCHEMA, group_users) as writer:
+                for first in range(0, len(users), group_users):
+                    last = min(first + group_users, len(users))
+                    # Yesterday's rows of these users: the next ones in user_id order.
+                    lo, hi = np.searchsorted(previous_at, [first, last])
+                    while pending.num_rows < hi - lo:
+                        pending = pa.concat_tables([pending, next(batches)])
+                    old_rows, pending = pending.slice(0, hi - lo), pending.slice(hi - lo)
+                    old_at = previous_at[lo:hi] - first
+                    folded = []
+                    for kind, column, limit, key in (
+                            (WATCHES, "watches", self._max_watches, hf.WATCH_KEY),
+                            (SEARCHES, "searches", self._max_searches, hf.SEARCH_KEY)):
+                        old, owners = hf.flatten_snapshots(old_rows, column, user_ids=False)
+                        records, at = days[kind]
+                        start, stop = np.searchsorted(at, [first, last])
+                        records, groups, n = hf.bound_and_fold(old, old_at[owners], records.slice(start, stop - start),
+                                                               at[start:stop] - first, limit, key)
+                        kept[kind] += n
+                        folded += [records, groups]
+                    rows = hf.snapshots(users.slice(first, last - first).to_pylist(), self._date, self._version,
+                                        *folded)
+                    writer.write(rows.cast(schemas.HISTORIES_SCHEMA).combine_chunks())
+        finally:
+            handle.close()
+        for table, kind in ((schemas.WATCH_EVENTS, WATCHES), (schemas.SEARCH_EVENTS, SEARCHES)):
+            if new_rows[kind]:
+                yield _count(table, self._date, outputs.OUT, kept[kind])
+            if new_rows[kind] > kept[kind]:
+                yield _count(table, self._date, outputs.DROPPED, new_rows[kind] - kept[kind],
+                             DROPPED_BY_HISTORY_BOUND)
+        yield _count(schemas.HISTORIES, self._date, outputs.STAT, len(users), "users")
+        yield out_path
 
 
 class FoldShards(beam.PTransform):
@@ -341,24 +389,49 @@ class FoldShards(beam.PTransform):
         return {"files": folded.files, "counts": folded[COUNTS]}
 
 
-def _shard_pieces(table: pa.Table, directory: str, num_shards: int):
-    """Snapshot rows -> ``outputs.WriteParquetPartitions`` pieces, sharded and sorted as ``WriteParquetShards`` does
-    with key_columns=("user_id",): by the user id itself (a string, so its own ``str``)."""
+def _shard_pieces(table: pa.Table, num_shards: int):
+    """Snapshot rows -> (shard, the rows of the shard's users), the shard ``WriteParquetShards`` picks with
+    key_columns=("user_id",): ``outputs.shard_of`` the user id itself (a string, so its own ``str``)."""
     shards = np.array([outputs.shard_of(user, num_shards) for user in table["user_id"].to_pylist()], np.int64)
-    keyed = table.append_column(outputs.SORT_KEY_COLUMN, table["user_id"])
     for shard in np.unique(shards):
-        yield (directory, int(shard)), keyed.filter(pa.array(shards == shard))
+        yield int(shard), table.filter(pa.array(shards == shard))
+
+
+class _WriteSnapshotShard(beam.DoFn):
+    """(shard, {"pieces": snapshot tables of the shard's users, "shard": [None]}) -> the shard's file, rows sorted
+    by user_id in row groups of ``SNAPSHOT_ROW_GROUP_USERS``; yields the file name."""
+
+    def __init__(self, directory: str, num_shards: int):
+        super().__init__()
+        self._directory, self._num_shards = directory, num_shards
+
+    def process(self, keyed):
+        import pyarrow.compute as pc
+
+        shard, grouped = keyed
+        pieces = [piece for piece in grouped["pieces"] if piece.num_rows]
+        rows = schemas.HISTORIES_SCHEMA.empty_table()
+        if pieces:
+            rows = pa.concat_tables(pieces)
+            rows = rows.take(pc.sort_indices(rows, [("user_id", "ascending")]))
+        yield outputs.write_parquet_file(outputs.shard_path(self._directory, shard, self._num_shards),
+                                         rows.cast(schemas.HISTORIES_SCHEMA).combine_chunks(),
+                                         row_group_size=SNAPSHOT_ROW_GROUP_USERS)
 
 
 class WriteSnapshots(beam.PTransform):
-    """Snapshot tables -> ``<directory>/part-SSSSS-of-NNNNN.parquet``, the files ``WriteParquetShards`` writes for the
-    same rows as dicts (sharded and sorted by user_id), without a dict per row."""
+    """Snapshot tables -> ``<directory>/part-SSSSS-of-NNNNN.parquet``, every shard (empty ones too): the rows
+    ``WriteParquetShards`` writes for the same rows as dicts (sharded and sorted by user_id), without a dict per row,
+    in row groups of ``SNAPSHOT_ROW_GROUP_USERS`` users (the bytes ``FoldShards`` writes)."""
 
     def __init__(self, directory: str, num_shards: int):
         super().__init__()
         self._directory, self._num_shards = directory, num_shards
 
     def expand(self, tables):
-        return (tables | "ShardPieces" >> beam.FlatMap(_shard_pieces, self._directory, self._num_shards)
-                | "Write" >> outputs.WriteParquetPartitions(
-                    {self._directory: (schemas.HISTORIES_SCHEMA, self._num_shards)}))
+        n = self._num_shards
+        pieces = tables | "ShardPieces" >> beam.FlatMap(_shard_pieces, n)
+        every_shard = tables.pipeline | "EveryShard" >> beam.Create([(s, None) for s in range(n)])
+        return ({"pieces": pieces, "shard": every_shard}
+                | "GroupShards" >> beam.CoGroupByKey()
+                | "WriteShards" >> beam.ParDo(_WriteSnapshotShard(self._directory, n)))

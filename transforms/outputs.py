@@ -261,12 +261,50 @@ def with_sort_keys(rows: pa.Table) -> Tuple[pa.Table, pa.Array]:
     return rows.append_column(SORT_KEY_COLUMN, keys), keys
 
 
-def write_parquet_file(path: str, rows: pa.Table) -> str:
+def write_parquet_file(path: str, rows: pa.Table, row_group_size: int = None) -> str:
+    """``rows`` as one parquet file: one row group, or row groups of ``row_group_size`` rows."""
     import pyarrow.parquet as pq
 
     with FileSystems.create(path) as handle:
-        pq.write_table(rows, handle, compression="zstd")
+        pq.write_table(rows, handle, compression="zstd", row_group_size=row_group_size)
     return path
+
+
+class ParquetFileWriter:
+    """A parquet file written table by table, in row groups of exactly ``row_group_size`` rows (the last one
+    shorter): the bytes ``write_parquet_file(path, <the tables concatenated>, row_group_size)`` writes, with at most
+    about one row group of rows held here. Use as a context manager; a file given no rows holds the empty table."""
+
+    def __init__(self, path: str, schema: pa.Schema, row_group_size: int):
+        self._path, self._schema, self._size = path, schema, row_group_size
+        self._handle = self._writer = None
+        self._pending, self._written = schema.empty_table(), 0
+
+    def __enter__(self) -> "ParquetFileWriter":
+        import pyarrow.parquet as pq
+
+        self._handle = FileSystems.create(self._path)
+        self._writer = pq.ParquetWriter(self._handle, self._schema, compression="zstd")
+        return self
+
+    def write(self, rows: pa.Table) -> None:
+        if rows.num_rows:
+            self._pending = pa.concat_tables([self._pending, rows]) if self._pending.num_rows else rows
+        while self._pending.num_rows >= self._size:
+            self._write(self._pending.slice(0, self._size))
+            self._pending = self._pending.slice(self._size)
+
+    def _write(self, rows: pa.Table) -> None:
+        self._writer.write_table(rows.combine_chunks(), row_group_size=self._size)
+        self._written += rows.num_rows
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and (self._pending.num_rows or not self._written):
+                self._write(self._pending)  # pq.write_table writes one empty row group for an empty table
+            self._writer.close()
+        finally:
+            self._handle.close()
 
 
 def shard_path(directory: str, shard: int, num_shards: int, ext: str = ".parquet") -> str:

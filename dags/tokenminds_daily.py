@@ -318,13 +318,16 @@ def _exit_status(error: BaseException):
     return int(match.group(1)) if match else None
 
 
-def _not_retried(task_id: str, error: BaseException):
-    """Exit status 2 is an input or configuration error the job reported before touching anything: a retry would
-    fail alike, so the task fails now (AirflowFailException skips the retries)."""
-    if _exit_status(error) == 2:
-        return AirflowFailException(f"{task_id}: the job rejected its input or options (exit status 2; see the log "
-                                    "above); not retried")
-    return None
+def _run_job(task_id: str, execute, context):
+    """``execute(context)``, except that exit status 2 (an input or configuration error the job reported before
+    touching anything: a retry would fail alike) fails the task now (AirflowFailException skips the retries)."""
+    try:
+        return execute(context)
+    except Exception as error:
+        if _exit_status(error) == 2:
+            raise AirflowFailException(f"{task_id}: the job rejected its input or options (exit status 2; see the "
+                                       "log above); not retried") from error
+        raise
 
 
 class PlannedBeamPipeline(BeamRunPythonPipelineOperator):
@@ -381,13 +384,7 @@ class PlannedBeamPipeline(BeamRunPythonPipelineOperator):
         os.environ.update(project_env())  # the job subprocess inherits this task process's environment
         self.log.info("%s for %s on %s with %s: %s", task.module, date, self.runner, self.py_interpreter,
                       " ".join(argv))
-        try:
-            return super().execute(context)
-        except Exception as error:
-            final = _not_retried(self.task_id, error)
-            if final is not None:
-                raise final from error
-            raise
+        return _run_job(self.task_id, super().execute, context)
 
     def execute_on_dataflow(self, context):
         """The provider's version stops reading the driver's output once it has seen the Dataflow job id and then
@@ -431,13 +428,7 @@ class PlannedProgram(BashOperator):
     def execute(self, context):
         self.bash_command = self.render_command(context)
         self.env = {**(self.env or {}), **project_env()}
-        try:
-            return super().execute(context)
-        except Exception as error:
-            final = _not_retried(self.task_id, error)
-            if final is not None:
-                raise final from error
-            raise
+        return _run_job(self.task_id, super().execute, context)
 
 
 def dag_tasks() -> list:

@@ -183,7 +183,7 @@ def test_columnar_batches_build_the_reference_examples(daily_flow):
             got, got_rewards = built[user_id]
             serialized = [examples.serialize_example(e, spec) for e in got]
             assert serialized == [examples.serialize_example(e, spec) for e in expected] and got_rewards == rewards
-            assert serialized == [examples.serialize_example_tf(e, spec) for e in got]
+            assert serialized == [serialize_example_with_tf_features(e, spec) for e in got]
             checked += len(expected)
         assert checked > 0 and built["long_user"][0]
 
@@ -204,3 +204,20 @@ def pa_table_of(rows):
 
     return pa.Table.from_pylist(rows, schema=pa.schema([schemas.HISTORIES_SCHEMA.field(n)
                                                         for n in ("user_id", "watches", "searches")]))
+
+
+def serialize_example_with_tf_features(example: dict, spec: dict) -> bytes:
+    """``examples.serialize_example`` as it was first written (one tf.train.Feature per feature): the bytes the fast
+    proto filling must reproduce."""
+    feature = {}
+    for name, entry in spec.items():
+        value = example[name]
+        if entry["dtype"] == "string":
+            feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(value).encode("utf-8")]))
+            continue
+        flat = np.asarray(value).reshape(-1)
+        if entry["dtype"] == "int64":
+            feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=flat.astype(np.int64)))
+        else:
+            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=flat.astype(np.float32)))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)

@@ -420,8 +420,6 @@ class Batch:
         self.kind, self.index, self.user, self.ts, self.gap_s = kind[order], index[order], user[order], ts[order], \
             gap_s[real]
         self.user_bounds = np.searchsorted(self.user, np.arange(len(users) + 1))
-        is_watch = self.kind == 1  # each kept watch's position among its user's kept watches
-        self.watch_rank = np.cumsum(is_watch) - 1 - (np.cumsum(is_watch) - is_watch)[self.user_bounds[self.user]]
         self.w_ts = w_ts[w]
         self.target_hash_keys: Dict[int, bytes] = {}  # watch -> its hashed (video, time) fields (``_targets``)
         self.ratio = np.minimum(np.maximum(self.watch_time_s / self.duration_s, 0.0), MAX_WATCH_RATIO)
@@ -463,12 +461,6 @@ def _history(batch: Batch, lo: int, hi: int, watch_cost: int, config: SequenceCo
     pieces = [len(batch.search_pieces[batch.index[p]]) for p in newest_first[cost == 0]]
     cost[cost == 0] = 1 + np.minimum(np.asarray(pieces, np.int64), config.max_pieces_per_query)
     return newest_first[np.cumsum(cost) <= config.max_tokens][::-1]
-
-
-def _targets(batch: Batch, watches: np.ndarray, cutoff: int, reward: np.ndarray, config: SequenceConfig, seed: int,
-             user_id: str) -> List[int]:
-    """``targets.build_targets``' choice: watch indices (``watches`` = the user's kept watches, in timeline order)."""
-    return _targets_and_rewards(batch, watches, cutoff, reward, config, seed, user_id)[0]
 
 
 def _targets_and_rewards(batch: Batch, watches: np.ndarray, cutoff: int, reward: np.ndarray, config: SequenceConfig,

@@ -77,25 +77,6 @@ def serialize_example(example: Dict[str, Any], spec: Dict[str, Dict[str, Any]]) 
     return proto.SerializeToString(deterministic=True)
 
 
-def serialize_example_tf(example: Dict[str, Any], spec: Dict[str, Dict[str, Any]]) -> bytes:
-    """``serialize_example`` as it was first written (one tf.train.Feature per feature): what its bytes are tested
-    against."""
-    import tensorflow as tf
-
-    feature = {}
-    for name, entry in spec.items():
-        value = example[name]
-        if entry["dtype"] == "string":
-            feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(value).encode("utf-8")]))
-            continue
-        flat = np.asarray(value).reshape(-1)
-        if entry["dtype"] == "int64":
-            feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=flat.astype(np.int64)))
-        else:
-            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=flat.astype(np.float32)))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
-
-
 def merge_user_events(snapshots: Iterable[Dict[str, Any]]):
     """One user's watches and searches from several snapshots (D-1, D, D+1), each event once."""
     watches, searches = {}, {}

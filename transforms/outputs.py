@@ -252,15 +252,6 @@ def shards_of(keys: pa.Array, num_shards: int) -> np.ndarray:
     return np.array([crc32(data[a:b]) for a, b in zip(offsets[:-1], offsets[1:])], np.int64) % num_shards
 
 
-SORT_KEY_COLUMN = "_sort_key"
-
-
-def with_sort_keys(rows: pa.Table) -> Tuple[pa.Table, pa.Array]:
-    """``rows`` with their whole-row sort keys (``row_json_keys``) as the column ``SORT_KEY_COLUMN``, and the keys."""
-    keys = row_json_keys(rows)
-    return rows.append_column(SORT_KEY_COLUMN, keys), keys
-
-
 def write_parquet_file(path: str, rows: pa.Table, row_group_size: int = None) -> str:
     """``rows`` as one parquet file: one row group, or row groups of ``row_group_size`` rows."""
     import pyarrow.parquet as pq
@@ -312,18 +303,18 @@ def shard_path(directory: str, shard: int, num_shards: int, ext: str = ".parquet
 
 
 class _WriteShard(beam.DoFn):
-    """Writes one shard's rows, sorted by key, as ``<prefix>-SSSSS-of-NNNNN.parquet``; yields the file name."""
+    """Writes one shard's rows, sorted by key, as ``<directory>/part-SSSSS-of-NNNNN.parquet``; yields the file name."""
 
-    def __init__(self, prefix: str, schema: pa.Schema, num_shards: int, key_columns: Sequence[str]):
+    def __init__(self, directory: str, schema: pa.Schema, num_shards: int, key_columns: Sequence[str]):
         super().__init__()
-        self._prefix, self._schema, self._num_shards = prefix, schema, num_shards
+        self._directory, self._schema, self._num_shards = directory, schema, num_shards
         self._key_columns = tuple(key_columns)
 
     def process(self, keyed):
         shard, grouped = keyed
         rows = sorted(grouped["rows"], key=lambda row: _row_sort_key(row, self._key_columns))
-        path = f"{self._prefix}-{shard:05d}-of-{self._num_shards:05d}.parquet"
-        yield write_parquet_file(path, pa.Table.from_pylist(rows, schema=self._schema))
+        yield write_parquet_file(shard_path(self._directory, shard, self._num_shards),
+                                 pa.Table.from_pylist(rows, schema=self._schema))
 
 
 class WriteParquetShards(beam.PTransform):
@@ -348,49 +339,7 @@ class WriteParquetShards(beam.PTransform):
         every_shard = rows.pipeline | "EveryShard" >> beam.Create([(i, None) for i in range(n)])
         return ({"rows": keyed, "shard": every_shard}
                 | "GroupShards" >> beam.CoGroupByKey()
-                | "WriteShards" >> beam.ParDo(_WriteShard(join(self._directory, "part"), self._schema, n, columns)))
-
-
-class _WritePartitionShard(beam.DoFn):
-    """Writes one (directory, shard)'s Arrow pieces, rows sorted by their sort keys; yields the file name."""
-
-    def __init__(self, partitions: Dict[str, Tuple[pa.Schema, int]]):
-        super().__init__()
-        self._partitions = partitions
-
-    def process(self, keyed):
-        import pyarrow.compute as pc
-
-        (directory, shard), grouped = keyed
-        schema, num_shards = self._partitions[directory]
-        pieces = [piece for piece in grouped["pieces"] if piece.num_rows]
-        rows = schema.empty_table()
-        if pieces:
-            rows = pa.concat_tables(pieces)
-            # Sort keys are ASCII JSON (json.dumps escapes the rest), so Arrow's byte order is Python's str order.
-            rows = rows.take(pc.sort_indices(rows, [(SORT_KEY_COLUMN, "ascending")])).drop_columns(SORT_KEY_COLUMN)
-        yield write_parquet_file(shard_path(directory, shard, num_shards), rows.cast(schema).combine_chunks())
-
-
-class WriteParquetPartitions(beam.PTransform):
-    """Columnar ``WriteParquetShards`` for many partitions in one step: elements are ``((directory, shard), rows)``,
-    rows an Arrow table with the schema's columns plus ``SORT_KEY_COLUMN`` (``with_sort_keys``; kept as an Arrow
-    column, not Python strings, so pieces waiting for their shard stay compact), and ``partitions`` maps each
-    directory to (schema, shard count).
-    Each file holds what ``WriteParquetShards`` would write for the same rows (same shard, same order, same bytes)
-    when callers key rows by ``shard_of(row_sort_keys(...))``; every shard of every directory is written, empty ones
-    too. Outputs the written file names."""
-
-    def __init__(self, partitions: Dict[str, Tuple[pa.Schema, int]]):
-        super().__init__()
-        self._partitions = dict(partitions)
-
-    def expand(self, pieces):
-        every_shard = pieces.pipeline | "EveryShard" >> beam.Create(
-            [((d, i), None) for d, (_, n) in sorted(self._partitions.items()) for i in range(n)])
-        return ({"pieces": pieces, "shard": every_shard}
-                | "GroupShards" >> beam.CoGroupByKey()
-                | "WriteShards" >> beam.ParDo(_WritePartitionShard(self._partitions)))
+                | "WriteShards" >> beam.ParDo(_WriteShard(self._directory, self._schema, n, columns)))
 
 
 class _WriteTFRecordShard(beam.DoFn):

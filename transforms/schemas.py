@@ -78,7 +78,7 @@ VIDEOS_SCHEMA = videos_schema()
 PARTITION_COLUMN = {WATCH_EVENTS: "event_ts", SEARCH_EVENTS: "event_ts", VIDEOS: "publish_ts"}
 
 # Columns every valid row has. Files and BigQuery keep all columns NULLABLE on purpose: a missing value must reach
-# ValidateRows and be dead-lettered with a reason, not abort a whole file load.
+# validation and be dead-lettered with a reason, not abort a whole file load.
 REQUIRED_FIELDS = {
     WATCH_EVENTS: ("user_id", "video_id", "event_ts", "scenario", "watch_time_s", "video_duration_s"),
     SEARCH_EVENTS: ("user_id", "event_ts", "query"),

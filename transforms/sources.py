@@ -1,7 +1,8 @@
 """Reading one day's partition of an input table, from Parquet files or from BigQuery, behind one transform.
 
 ``ReadTable(table, date, source)`` yields the partition's rows as plain dicts whatever the source, so every later
-step is source-agnostic. Rows are *not* trusted here: they go through ``ValidateRows`` next.
+step is source-agnostic (``ReadTableBatches``: a range's partitions in one read, as Arrow batches). Rows are *not*
+trusted here: they go through ``transforms.validation`` next.
 
 Parquet (the embedded default): ``<input_root>/<table>/date=YYYY-MM-DD/*.parquet``. Files whose names start with
 ``.`` or ``_`` are not data (the Hadoop/Spark convention: ``_SUCCESS``, ``.part-*.crc``, writers' temp files). The
@@ -11,7 +12,7 @@ trace from inside a worker. An empty day is a partition directory holding a ``_S
 or zero-row Parquet files with the schema.
 
 String values are decoded here, one by one: a value that is not UTF-8 is passed on as its raw ``bytes`` (for
-``ValidateRows`` to dead-letter with a reason) instead of failing the whole file.
+validation to dead-letter with a reason) instead of failing the whole file.
 
 BigQuery: Beam's ``ReadFromBigQuery`` cannot bind query parameters (apache/beam#20546), and SQL built by formatting
 option values into strings is how injections happen. So the partition is selected by a parameterized query run with

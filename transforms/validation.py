@@ -2,8 +2,11 @@
 
 The pure part, ``validate_row``, checks one row and returns either the cleaned row (contract types: ids as str,
 timestamps as tz-aware UTC datetimes, optional columns filled with their defaults) or a ``Rejection`` with a reason
-code. ``ValidateRows`` wraps it for Beam: per-row checks, then duplicate removal (a shuffle on the event key), with
-every input row ending either in ``valid`` or in ``dead`` and counted in Beam metrics.
+code. ``ValidateRange`` (what ``validate_inputs`` runs) applies it to Arrow batches of a whole date range
+(``validate_batch``: Arrow kernels pass rows that are plainly valid, the rest go through ``validate_row``), then
+drops duplicates and writes each (table, date, shard) in one shuffle. ``ValidateRows`` does the same for a
+PCollection of row dicts (per-row checks, then duplicate removal on the event key). Either way every input row ends
+in ``valid`` or in ``dead`` and is counted in Beam metrics.
 
 Text: every string a valid row keeps is valid Unicode that encodes as UTF-8 (the Parquet writer and BigQuery need
 that). String columns accept ``str`` or UTF-8 ``bytes``; bytes that are not UTF-8 (what the Parquet source passes on

@@ -30,9 +30,12 @@ The mapping
   ``DEFAULT_WATCH_RATIO`` (0.8) for implicit feedback or a null rating. ``liked = rating >= 4.5``,
   ``disliked = rating <= 1.5``; both false without a rating. Ratings must lie in [0, 5].
 * **Order and duplicates.** MovieLens rates in bulk sessions: about half of a user's consecutive events share one
-  timestamp. Timestamps are kept; rows are written ordered by (``user_id``, ``event_ts``, ``video_id``), comparing the
-  id *strings* as the pipelines do ("u10" < "u2"), so any downstream tie-break by id sees the file order. Exact
-  duplicate (user, item, timestamp) rows are dropped, the first in source order kept, and counted.
+  timestamp, and the source file's order is the order the dataset means (which item is a user's last decides
+  leave-one-out's test item). So equal timestamps of one user are made distinct in source order: the k-th row of a
+  run of equal timestamps gets k microseconds added (``TIE_BREAK``; within the second, so the day never changes).
+  Rows are written ordered by (``user_id``, ``event_ts``), comparing the id *strings* as the pipelines do
+  ("u10" < "u2"). Exact duplicate (user, item, timestamp) rows are dropped, the first in source order kept, and
+  counted.
 * **Videos.** Every item of ``items.parquet`` is one LFV video with its ``content_embedding`` (as float32; the width
   is inferred from the file and recorded as ``embedding_dim``). ``publish_ts`` is midnight UTC of the day of the
   item's first interaction anywhere in the source, clamped into [first_date, last_date] of the import: items first
@@ -89,6 +92,7 @@ DEFAULT_WATCH_RATIO = 0.8  # implicit feedback (no rating): a watch of most of t
 LIKE_MIN_RATING = 4.5
 DISLIKE_MAX_RATING = 1.5
 DENSEST_DATES = 10  # how many of the busiest days the manifest lists
+TIE_BREAK = "equal timestamps of a user: +k microseconds for the k-th row in source order"
 
 INTERACTIONS_FILES = ("interactions.parquet", "ratings.parquet")  # the first that exists is used
 ITEMS_FILE = "items.parquet"
@@ -539,19 +543,50 @@ def _interaction_events(source: _Source, dropped: Dict[str, int]) -> Dict[str, n
 
 def _watches(source: _Source, events: Dict[str, np.ndarray], first_day: int, last_day: int,
              dropped: Dict[str, int]) -> Dict:
-    """The window's interactions as watch rows ordered by (day, user, time, video), comparing id strings; of exact
-    duplicate (user, item, time) rows only the first in source order is kept."""
+    """The window's interactions as watch rows ordered by (day, user, time), comparing id strings; of exact
+    duplicate (user, item, time) rows only the first in source order is kept.
+
+    Equal times of one user (bulk rating sessions, day-resolution data) are made distinct in SOURCE order: the k-th
+    row (0-based, in the source file's order) of a run of equal timestamps gets ``k`` microseconds added
+    (``TIE_BREAK``). Every pipeline orders a user's events by time, so the source's order decides which item comes
+    first and which is last (leave-one-out's test item), not the video ids. The offset stays within the second (a
+    run of more than a million rows in one second is refused), so the day of every row is unchanged."""
     day = events["day"]
-    keep = np.nonzero(events["in_contract"] & (day >= first_day) & (day <= last_day))[0]
+    keep = np.nonzero(events["in_contract"] & (day >= first_day) & (day <= last_day))[0]  # in source order
     dropped["interactions_outside_window"] = int(events["in_contract"].sum()) - len(keep)
     user_names, user_code = _id_strings(USER_PREFIX, events["user"][keep])
     day, ts_us, item, rating = (events[name][keep] for name in ("day", "ts_us", "item_index", "rating"))
-    order = np.lexsort((_string_ranks(source.video_names)[item], ts_us, _string_ranks(user_names)[user_code], day))
-    day, ts_us, item, rating, user_code = (a[order] for a in (day, ts_us, item, rating, user_code))
-    unique = _first_of_runs(user_code, ts_us, item)
-    dropped["interactions_duplicate"] = int((~unique).sum())
-    day, ts_us, item, rating, user_code = (a[unique] for a in (day, ts_us, item, rating, user_code))
+    user_rank = _string_ranks(user_names)[user_code]
+    # Exact duplicates: the first in source order is kept (lexsort is stable, and rows are in source order).
+    by_key = np.lexsort((item, ts_us, user_rank))
+    duplicate = np.zeros(len(keep), dtype=bool)
+    duplicate[by_key] = ~_first_of_runs(user_rank[by_key], ts_us[by_key], item[by_key])
+    dropped["interactions_duplicate"] = int(duplicate.sum())
+    unique = ~duplicate
+    day, ts_us, item, rating, user_rank, user_code = (a[unique] for a in (day, ts_us, item, rating, user_rank,
+                                                                           user_code))
+    order = np.lexsort((np.arange(len(ts_us)), ts_us, user_rank, day))  # ties: source order
+    day, ts_us, item, rating, user_rank, user_code = (a[order] for a in (day, ts_us, item, rating, user_rank,
+                                                                          user_code))
+    ts_us = ts_us + _tie_offsets_us(user_rank, ts_us)
     return {"table": _watch_table(user_names, user_code, source.video_names, item, ts_us, rating), "day": day}
+
+
+def _tie_offsets_us(user_rank: np.ndarray, ts_us: np.ndarray) -> np.ndarray:
+    """In rows sorted by (user, time, source order): 0, 1, 2, ... microseconds along each run of equal (user, time)."""
+    first = _first_of_runs(user_rank, ts_us)
+    run_start = np.maximum.accumulate(np.where(first, np.arange(len(ts_us)), 0))
+    offsets = np.arange(len(ts_us)) - run_start
+    if len(offsets) and offsets.max() >= SECOND_US:
+        raise DatasetFormatError(f"a user has {offsets.max() + 1} interactions with one timestamp; at most "
+                                 f"{SECOND_US} can be ordered within its second")
+    if len(ts_us) > 1:  # sub-second source times: the offsets must not reorder or merge distinct events
+        same_user = user_rank[1:] == user_rank[:-1]
+        shifted = ts_us + offsets
+        if (same_user & (shifted[1:] <= shifted[:-1])).any():
+            raise DatasetFormatError("timestamps closer than the tie-break offsets (sub-second source times); "
+                                     "order ties in the source file instead")
+    return offsets
 
 
 def _publish_days(source: _Source, events: Dict[str, np.ndarray], first_day: int, last_day: int) -> np.ndarray:
@@ -577,7 +612,8 @@ def _mapping(source: _Source) -> Dict:
         "liked": f"rating >= {LIKE_MIN_RATING:g}" if rated else False,
         "disliked": f"rating <= {DISLIKE_MAX_RATING:g}" if rated else False,
         "publish_ts": "midnight UTC of the item's first interaction day, clamped into [first_date, last_date]",
-        "row_order": "user_id, event_ts, video_id (id strings)",
+        "row_order": "user_id, event_ts (id strings)",
+        "tie_break": TIE_BREAK,
     }
 
 

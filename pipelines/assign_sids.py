@@ -36,7 +36,7 @@ from tokenminds_model.checkpoints import read_sid_model_config
 from tokenminds_model.vocabulary import DEFAULT_DISAMBIGUATION_SIZE
 from transforms import outputs, schemas
 from transforms.sid_assignment import EncodeVideos, MergeAssignments
-from transforms.sources import ReadTable, SourceConfig
+from transforms.sources import ReadTableBatches, SourceConfig, batch_rows
 
 ALREADY_ASSIGNED = "already_assigned"
 
@@ -101,8 +101,9 @@ def assign_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validat
         existing = pipeline | "ReadPreviousSids" >> ReadFromParquet(outputs.join(previous_dir, "*.parquet"))
     else:
         existing = pipeline | "NoPreviousSids" >> beam.Create([])
-    candidates = [pipeline | f"ReadVideos {d}" >> ReadTable(schemas.VIDEOS, d, validated) for d in read_days]
-    candidates = candidates | "AllCandidates" >> beam.Flatten()
+    # The catalog's days in one read (not one branch per day: a full assignment may read years of partitions).
+    candidates = (pipeline | "ReadVideos" >> ReadTableBatches(schemas.VIDEOS, read_days, validated)
+                  | "VideoRows" >> beam.FlatMap(batch_rows, columns=schemas.input_schema(schemas.VIDEOS).names))
 
     # 2. Transform: encode only videos without an assignment, then merge with disambiguation codes.
     to_encode = ({"existing": existing | "KeyExisting" >> beam.Map(lambda r: (r["video_id"], 1)),

@@ -35,7 +35,7 @@ from pipelines.options import (DAYS, JobSpec, TokenMindsOptions, artifact_paths,
 from pipelines.update_histories import require_success
 from tokenminds_model.adaptation import NGRAM_VOCAB_FILENAME, SPM_MODEL_TYPES, SidSymbols
 from transforms import adaptation, outputs, schemas
-from transforms.sources import ReadTable, SourceConfig
+from transforms.sources import ReadTableBatches, SourceConfig, batch_rows
 
 SUMMARY_FILE = "summary.json"
 
@@ -101,8 +101,8 @@ def build_day(pipeline: beam.Pipeline, date: dt.date, options: PipelineOptions, 
     out_dir = staged(adaptation_dir(output_root, date))
 
     # 1. Read the catalog as of D and its SIDs.
-    videos = ([pipeline | f"ReadVideos {d}" >> ReadTable(schemas.VIDEOS, d, validated) for d in read_days]
-              | "AllVideos" >> beam.Flatten())
+    videos = (pipeline | "ReadVideos" >> ReadTableBatches(schemas.VIDEOS, read_days, validated)  # one read
+              | "VideoRows" >> beam.FlatMap(batch_rows, columns=schemas.input_schema(schemas.VIDEOS).names))
     sids = pipeline | "ReadSids" >> ReadFromParquet(outputs.join(sids_in, "*.parquet"),
                                                     columns=["video_id", "scenario", "sid"])
 

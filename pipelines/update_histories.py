@@ -88,12 +88,11 @@ def update_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validat
     #    input), yesterday's snapshot (here, or shard by shard in the fold).
     require_success(video_sids_dir(output_root, date), "SID assignment")
     video_sids = histories.read_video_sids(pipeline, video_sids_dir(output_root, date))
-    events = {table: [] for table in (schemas.WATCH_EVENTS, schemas.SEARCH_EVENTS)}
-    for event_day in event_days:
-        for table in events:
+    events = {}
+    for table in (schemas.WATCH_EVENTS, schemas.SEARCH_EVENTS):
+        for event_day in event_days:
             require_success(schemas.partition_dir(validated_root, table, event_day), f"validated {table}")
-            events[table].append(pipeline | f"Read {table} {event_day}" >> histories.ReadValidated(
-                validated_root, table, event_day))
+        events[table] = [pipeline | f"Read {table}" >> histories.ReadValidated(validated_root, table, event_days)]
     out_dir = staged(snapshot_dir(output_root, date))
     dead_dir = staged(dead_letter_dir(output_root, date))
     by_shard = (has_previous and not remap_previous

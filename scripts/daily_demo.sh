@@ -74,6 +74,21 @@ print(f"lookup {user} at {at:%Y-%m-%d %H:%M} UTC: {found.status}, embedding[{len
       f"expires {found.row['expires_at']:%Y-%m-%d %H:%M}, top LFV tokens {tokens}")
 PYEOF
 
+step "10b/11 Collapse diagnostics: do the users' tokens and embeddings differ between users? ($END)"
+DIAGNOSTICS="$OUT/user_representations/_runs/date=$END/diagnostics.json"
+$PY -m tokenminds_model.diagnostics --output_root="$OUT" --date=$END --output="$DIAGNOSTICS"
+$PY - "$DIAGNOSTICS" "${TRAIN_STEPS:-200}" <<'PYEOF'
+import json, sys
+report, steps = json.load(open(sys.argv[1])), sys.argv[2]
+for name, d in report["scenarios"].items():
+    rank0 = d["distinct_per_rank"][0] if d["distinct_per_rank"] else 0
+    if report["personalised"][name]:
+        print(f"{name}: distinct rank-0 tokens: {rank0:,} of {d['users']:,} users: the tokens differ between users.")
+    else:
+        print(f"{name}: distinct rank-0 tokens: {rank0:,} of {d['users']:,} users: the demo model ({steps} steps of "
+              "the tiny preset) is undertrained; its tokens are not personalised.")
+PYEOF
+
 step "11/11 Downstream adaptation artifacts (prefix embeddings, SID n-grams, SID SentencePiece) as of $END"
 $PY -m pipelines.build_adaptation --date=$END --output_root="$OUT" "${RUNNER[@]}"
 
@@ -86,6 +101,6 @@ history snapshots    $OUT/histories/date=D/
 query tokenizer      $OUT/query_tokenizer/                     feature transform $OUT/feature_transform/
 training examples    $OUT/examples/date=D/ (part-*.tfrecord.gz, feature_spec.json, vocabulary.json, stats.json)
 user model           $OUT/models/date=$LAST_EXAMPLE_DAY/ (model_config.json, params/, train_state/, tensorboard/)
-user representations $OUT/user_representations/date=$END/ (summary: user_representations/_runs/date=$END/)
+user representations $OUT/user_representations/date=$END/ (summary, diagnostics.json: user_representations/_runs/date=$END/)
 adaptation artifacts $OUT/adaptation/date=$END/ (prefix_embeddings/, sid_ngram_vocab.json, sid_spm.model)
 TXT

@@ -163,8 +163,8 @@ def test_missing_files_are_named(tmp_path):
 def test_rows_are_ordered_by_id_strings_then_time_and_duplicates_and_unknown_items_are_dropped(tmp_path):
     t = _unix(2001, 3, 4, 8)
     _interactions(tmp_path / "src", [
-        (2, 30, t), (2, 4, t), (10, 5, t + 60), (10, 5, t),  # same second: video id strings "v30" < "v4"
-        (2, 30, t),  # exact duplicate of the first row
+        (2, 4, t), (2, 30, t), (10, 5, t + 60), (10, 5, t),  # same second: source order, v4 then v30
+        (2, 4, t),  # exact duplicate of the first row
         (2, 99, t),  # item 99 is not in items.parquet
     ])
     _items(tmp_path / "src", [4, 5, 30, 77])  # 77 is never watched
@@ -172,8 +172,8 @@ def test_rows_are_ordered_by_id_strings_then_time_and_duplicates_and_unknown_ite
 
     watches = _read_partition(root, schemas.WATCH_EVENTS, "2001-03-04").to_pylist()
     # "u10" sorts before "u2": the same string order the pipelines compare ids in.
-    assert [(w["user_id"], w["video_id"], w["event_ts"].minute) for w in watches] == [
-        ("u10", "v5", 0), ("u10", "v5", 1), ("u2", "v30", 0), ("u2", "v4", 0)]
+    assert [(w["user_id"], w["video_id"], w["event_ts"].minute, w["event_ts"].microsecond) for w in watches] == [
+        ("u10", "v5", 0, 0), ("u10", "v5", 1, 0), ("u2", "v4", 0, 0), ("u2", "v30", 0, 1)]  # ties: +1 µs, source order
     assert manifest["dropped"]["interactions_duplicate"] == 1
     assert manifest["dropped"]["interactions_unknown_item"] == 1
     assert manifest["totals"] == {schemas.VIDEOS: 4, schemas.WATCH_EVENTS: 4, schemas.SEARCH_EVENTS: 0}

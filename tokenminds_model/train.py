@@ -53,7 +53,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -72,11 +72,10 @@ from tokenminds_model.model_checkpoints import (ARTIFACT_KIND, CHECKPOINT_ENTRIE
                                                 write_checkpoint_files)
 from tokenminds_model.vocabulary import MANIFEST_FILENAME, VocabularyLayout
 
-__all__ = ["TrainConfig", "TrainResult", "TrainSharding", "train", "load_model", "evaluate", "make_optimizer",
-           "make_train_step", "train_step_for", "make_mesh", "learning_rate_schedule", "opt_state_shapes",
-           "read_examples_metadata",
-           "training_batches", "restore_train_state", "read_checkpoint_document", "TrainingCheckpoint",
-           "CheckpointError", "main"]
+__all__ = ["TrainConfig", "TrainResult", "EarlyStopping", "validation_loss", "TrainSharding", "train", "load_model",
+           "evaluate", "make_optimizer", "make_train_step", "train_step_for", "make_mesh", "learning_rate_schedule",
+           "opt_state_shapes", "read_examples_metadata", "training_batches", "restore_train_state",
+           "read_checkpoint_document", "TrainingCheckpoint", "CheckpointError", "main"]
 
 SCHEDULES = ("constant", "warmup_cosine")
 PARAM_SHARDINGS = ("replicated", "fsdp")
@@ -120,6 +119,35 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+    """Validation during training: every ``every`` steps (and after the last), ``evaluate(config, params)`` returns
+    metrics on held-out data; the checkpoint keeps the parameters (and optimizer state and step) with the best
+    ``metric`` (higher is better: pass a negated loss), and training stops once ``patience`` evaluations in a row
+    did not improve it by more than ``min_delta``. ``params`` are host arrays."""
+
+    evaluate: Callable[[ModelConfig, Params], Mapping[str, float]]
+    metric: str
+    every: int = 500
+    patience: int = 4
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.patience < 1:
+            raise ValueError(f"every and patience must be >= 1, got {self.every} and {self.patience}")
+
+
+def validation_loss(example_dirs: Sequence[str], *, batch_size: int = 64, max_batches: Optional[int] = None
+                    ) -> Callable[[ModelConfig, Params], Dict[str, float]]:
+    """An ``EarlyStopping.evaluate`` reading held-out examples: :func:`evaluate`'s loss and accuracies, plus
+    ``neg_loss`` (the metric to maximise)."""
+    def run(config: ModelConfig, params: Params) -> Dict[str, float]:
+        values = evaluate(config, params, example_dirs, batch_size=batch_size, max_batches=max_batches)
+        return {**values, "neg_loss": -values["loss"]}
+
+    return run
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainResult:
     """What one run did. ``losses`` has one entry per step of this run; ``final_loss`` is the mean of the last
     ``min(10, steps)``. Throughputs exclude the first step (compilation); ``*_tokens_per_s`` count non-pad encoder
@@ -144,17 +172,22 @@ class TrainResult:
     devices: int = 1
     param_sharding: str = "replicated"
     ms_per_step: float = 0.0
+    steps_run: Optional[int] = None  # steps this run trained (fewer than planned when it stopped early)
+    best_step: Optional[int] = None  # the checkpoint's global step (early stopping: the best validation)
+    validation: Tuple[Dict[str, float], ...] = ()  # early stopping: {"step", metrics...} per evaluation
 
     def summary(self) -> Dict[str, Any]:
         return {"checkpoint_dir": self.checkpoint_dir, "version": self.version,
                 "parent_version": self.parent_version, "start_step": self.start_step, "step": self.step,
-                "steps": self.step - self.start_step, "first_loss": self.losses[0] if self.losses else None,
+                "steps": self.step - self.start_step if self.steps_run is None else self.steps_run,
+                "first_loss": self.losses[0] if self.losses else None,
                 "final_loss": self.final_loss, "examples_per_s": round(self.examples_per_s, 1),
                 "tokens_per_s": round(self.tokens_per_s, 1), "padded_tokens_per_s": round(self.padded_tokens_per_s, 1),
                 "first_step_s": round(self.first_step_s, 2), "wall_s": round(self.wall_s, 2),
                 "training_days": list(self.training_days), "num_params": self.num_params,
                 "devices": self.devices, "param_sharding": self.param_sharding,
-                "ms_per_step": round(self.ms_per_step, 2), "compute_dtype": self.config.dtype}
+                "ms_per_step": round(self.ms_per_step, 2), "compute_dtype": self.config.dtype,
+                "steps_run": self.steps_run, "best_step": self.best_step, "validation": list(self.validation)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -487,8 +520,12 @@ def train(example_dirs: Sequence[str], output: str, init_from: Optional[str] = N
           warmup_steps: int = 100, seed: int = 0, shuffle: bool = True, skip_batches: int = 0,
           log_every: int = 10, progress: bool = True, tensorboard: bool = True,
           train_config: Optional[TrainConfig] = None, devices: Any = "auto", param_sharding: str = "replicated",
-          compute_dtype: str = "auto", **model_overrides: Any) -> TrainResult:
+          compute_dtype: str = "auto", early_stopping: Optional[EarlyStopping] = None,
+          **model_overrides: Any) -> TrainResult:
     """Train (fresh, or continuing ``init_from``) on ``example_dirs`` and write a checkpoint to ``output``.
+
+    ``early_stopping`` (:class:`EarlyStopping`) validates every N steps, stops when the metric stops improving and
+    writes the best parameters (with their optimizer state and step) instead of the last.
 
     ``model_overrides`` (fresh start only) replace :class:`ModelConfig` fields of the preset, e.g. ``d_model=32``
     or ``max_tokens=128``. ``train_config`` replaces all the run's hyper-parameter arguments at once.
@@ -563,6 +600,10 @@ def train(example_dirs: Sequence[str], output: str, init_from: Optional[str] = N
         first_step_s = 0.0
         steady_started = window_started = time.perf_counter()
         batches = training_batches(example_dirs, config, tc, feature_spec)
+        validation: List[Dict[str, float]] = []
+        best: Optional[Tuple[float, int, Any, Any]] = None  # (metric, global step, host params, host opt state)
+        stale = 0
+        steps_run = 0
         try:
             for index in range(tc.steps):
                 global_step = start_step + index
@@ -600,6 +641,21 @@ def train(example_dirs: Sequence[str], output: str, init_from: Optional[str] = N
                                     tok_s=f"{values.get('perf/tokens_per_s', 0.0):.0f}")
                     window_examples = window_tokens = 0
                     window_started = now
+                steps_run = index + 1
+                if early_stopping is not None and (steps_run % early_stopping.every == 0 or steps_run == tc.steps):
+                    host_params = jax.device_get(params)
+                    values = {k: float(v) for k, v in early_stopping.evaluate(config, host_params).items()}
+                    validation.append({"step": global_step + 1, **values})
+                    scalars.write(global_step + 1, {f"validation/{k}": v for k, v in values.items()})
+                    value = values[early_stopping.metric]
+                    if best is None or value > best[0] + early_stopping.min_delta:
+                        best, stale = (value, global_step + 1, host_params, jax.device_get(opt_state)), 0
+                    else:
+                        stale += 1
+                    bar.set_postfix(**{early_stopping.metric: f"{value:.4f}", "best": f"{best[0]:.4f}@{best[1]}"})
+                    if stale >= early_stopping.patience:
+                        break
+            losses += [float(m["loss"]) for m in jax.device_get(pending)]  # steps since the last log (early stop)
             jax.block_until_ready(params)
             steady_s = max(time.perf_counter() - steady_started, 1e-9)
         finally:
@@ -611,7 +667,10 @@ def train(example_dirs: Sequence[str], output: str, init_from: Optional[str] = N
             raise FloatingPointError(f"training diverged: non-finite loss at step "
                                      f"{start_step + next(i for i, l in enumerate(losses) if not math.isfinite(l))}; "
                                      f"no checkpoint written")
-        steady_steps = tc.steps - 1
+        end_step = start_step + steps_run
+        if best is not None:  # the checkpoint is the best validated state, not the last
+            _, end_step, params, opt_state = best
+        steady_steps = steps_run - 1
         if steady_steps:
             examples_per_s = steady_steps * tc.batch_size / steady_s
             tokens_per_s = total_tokens / steady_s
@@ -622,25 +681,27 @@ def train(example_dirs: Sequence[str], output: str, init_from: Optional[str] = N
         final_loss = float(np.mean(losses[-min(10, len(losses)):]))
         training_days = list(parent_document.get("training_days", []))
         training_days += [day for day in days if day not in training_days]
-        run = {"days": days, "example_dirs": example_dirs, "start_step": start_step, "end_step": start_step + tc.steps,
+        run = {"days": days, "example_dirs": example_dirs, "start_step": start_step, "end_step": end_step,
+               "steps_run": steps_run, "validation": validation,
                "train_config": tc.to_dict(), "first_loss": losses[0], "final_loss": final_loss,
                "examples_per_s": round(examples_per_s, 2), "tokens_per_s": round(tokens_per_s, 1),
                "parent_version": parent_document.get("version"), "platform": jax.devices()[0].platform,
                "devices": sharding.devices, "param_sharding": sharding.params, "compute_dtype": config.dtype,
                "ms_per_step": round(1000 * steady_s / max(steady_steps, 1), 2) if steady_steps else None}
         document = write_checkpoint_files(staged.path, config=config, params=params, opt_state=opt_state,
-                                          step=start_step + tc.steps, layout=layout, feature_spec=feature_spec,
+                                          step=end_step, layout=layout, feature_spec=feature_spec,
                                           parent_version=parent_document.get("version"), training_days=training_days,
                                           runs=list(parent_document.get("runs", [])) + [run])
         staged.extra["version"] = document["version"]
     return TrainResult(
         checkpoint_dir=os.fspath(as_path(output)), version=document["version"],
         parent_version=parent_document.get("version"), config=config, train_config=tc, start_step=start_step,
-        step=start_step + tc.steps, losses=tuple(losses), final_loss=final_loss, examples_per_s=examples_per_s,
+        step=end_step, losses=tuple(losses), final_loss=final_loss, examples_per_s=examples_per_s,
         tokens_per_s=tokens_per_s, padded_tokens_per_s=padded_tokens_per_s, first_step_s=first_step_s,
         wall_s=time.perf_counter() - started, training_days=tuple(training_days), num_params=count_params(params),
         devices=sharding.devices, param_sharding=sharding.params,
-        ms_per_step=1000 * steady_s / steady_steps if steady_steps else 1000 * first_step_s)
+        ms_per_step=1000 * steady_s / steady_steps if steady_steps else 1000 * first_step_s, steps_run=steps_run,
+        best_step=end_step if best is not None else None, validation=tuple(validation))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -673,6 +734,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="replicated (data parallel) or fsdp (parameters and optimizer state sharded too)")
     parser.add_argument("--compute_dtype", default="auto", choices=("auto",) + tuple(DTYPES),
                         help="auto: the preset's dtype on accelerators, float32 on CPU; params stay float32")
+    parser.add_argument("--validation_examples", nargs="+", action="extend", default=None,
+                        help="held-out example directories: validate every --eval_every steps, stop after "
+                             "--patience evaluations without a lower loss, and keep the best checkpoint")
+    parser.add_argument("--eval_every", type=int, default=500, help="steps between validations")
+    parser.add_argument("--patience", type=int, default=4, help="validations without improvement before stopping")
+    parser.add_argument("--validation_batches", type=int, default=None, help="cap on validation batches")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument("--no_tensorboard", action="store_true")
     args = parser.parse_args(argv)
@@ -693,12 +760,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             overrides["max_tokens"] = args.max_tokens
         if args.dropout is not None:
             overrides["dropout"] = args.dropout
+        early_stopping = None
+        if args.validation_examples:
+            early_stopping = EarlyStopping(
+                validation_loss(args.validation_examples, batch_size=args.batch_size,
+                                max_batches=args.validation_batches), metric="neg_loss", every=args.eval_every,
+                patience=args.patience)
         result = train(args.examples, args.output, args.init_from, preset=args.preset, steps=args.steps,
                        batch_size=args.batch_size, learning_rate=args.learning_rate, schedule=args.schedule,
                        warmup_steps=args.warmup_steps, seed=args.seed, shuffle=not args.no_shuffle,
                        skip_batches=args.skip_batches, log_every=args.log_every, progress=not args.no_progress,
                        tensorboard=not args.no_tensorboard, devices=args.devices,
-                       param_sharding=args.param_sharding, compute_dtype=args.compute_dtype, **overrides)
+                       param_sharding=args.param_sharding, compute_dtype=args.compute_dtype,
+                       early_stopping=early_stopping, **overrides)
     except (FileNotFoundError, FileExistsError, CheckpointError, data_lib.CorruptShardError, ValueError,
             TypeError) as error:
         print(f"error: {error}", file=sys.stderr)

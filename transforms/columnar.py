@@ -447,7 +447,7 @@ def _cutoffs(ts: np.ndarray, day_start_us: int, day_end_us: int, config: Sequenc
     return candidates
 
 
-def _history(batch: Batch, lo: int, hi: int, watch_cost: int, config: SequenceConfig) -> np.ndarray:
+def history_positions(batch: Batch, lo: int, hi: int, watch_cost: int, config: SequenceConfig) -> np.ndarray:
     """Timeline positions (in [lo, hi), oldest first) that ``sequences.select_history_events`` keeps.
 
     Kept watches are always a suffix of the watches before the cutoff (at most max_watches, and at most what fits
@@ -503,14 +503,14 @@ def build_batch(users: Sequence[Tuple[str, Sequence[Pack]]], day_start_us: int, 
     rewards (the best reward of the target's video in the window, as the stats report)). Raises on bad data."""
     batch = Batch(users, layout, config, tokenizer)
     reward = rewards(batch, config)
-    sid_len = config.sid_length(layout)
     watch_cost = config.watch_token_count(layout)
     planned = []  # (user index, cutoff, history positions, target watch indices)
     for u, (user_id, _) in enumerate(users):
         lo, hi = batch.user_bounds[u], batch.user_bounds[u + 1]
         user_watches = batch.index[lo:hi][batch.kind[lo:hi] == 1]
         for cutoff in _cutoffs(batch.ts[lo:hi], day_start_us, day_end_us, config, seed, user_id):
-            history = _history(batch, lo, lo + int(np.searchsorted(batch.ts[lo:hi], cutoff)), watch_cost, config)
+            history = history_positions(batch, lo, lo + int(np.searchsorted(batch.ts[lo:hi], cutoff)), watch_cost,
+                                        config)
             if not len(history):
                 continue
             picked, target_rewards = _targets_and_rewards(batch, user_watches, cutoff, reward, config, seed, user_id)
@@ -520,8 +520,25 @@ def build_batch(users: Sequence[Tuple[str, Sequence[Pack]]], day_start_us: int, 
             if picked:
                 planned.append((u, cutoff, history, picked, target_rewards))
 
-    # Featurize every selected watch of the batch in one call (a watch's features do not depend on the cutoff).
-    selected = np.unique(np.concatenate([np.zeros(0, np.int64)] + [h for _, _, h, _, _ in planned]))
+    watch_block, soft, feature_row = featurized_watch_tokens(batch, [h for _, _, h, _, _ in planned], layout, config,
+                                                             featurizer)
+    results: List[Tuple[List[Dict[str, Any]], List[List[float]]]] = [([], []) for _ in users]
+    for u, cutoff, history, picked, target_rewards in planned:
+        examples, rewards_of_user = results[u]
+        examples.append(example_from_history(batch, users[u][0], cutoff, history, picked, watch_block, soft,
+                                             feature_row, layout, config))
+        rewards_of_user.append(target_rewards)
+    return results
+
+
+def featurized_watch_tokens(batch: Batch, histories: Sequence[np.ndarray], layout: VocabularyLayout,
+                            config: SequenceConfig, featurizer) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tokens of every watch that some history of ``histories`` (timeline positions) holds, featurized in ONE
+    tensorflow-transform call for the whole batch (a watch's features do not depend on the cutoff).
+
+    Returns (``watch_block`` int64 [n, watch_token_count], ``soft`` float32 [n, F], ``feature_row``: per timeline
+    position, its row in the two, -1 for positions no history holds)."""
+    selected = np.unique(np.concatenate([np.zeros(0, np.int64)] + list(histories)))
     selected = selected[batch.kind[selected] == 1]
     rows = batch.index[selected]
     take = pa.array(rows, pa.int64())
@@ -534,24 +551,17 @@ def build_batch(users: Sequence[Tuple[str, Sequence[Pack]]], day_start_us: int, 
     feature_row = np.full(len(batch.kind), -1)
     feature_row[selected] = np.arange(len(selected))
     conditions = np.asarray([vocabulary.condition_token(s) for s in schemas.SCENARIOS], TOKEN_DTYPE)
-    watch_tokens = [conditions[batch.scenario[rows]][:, None], layout.sid_tokens(batch.sids[rows], sid_len)]
+    watch_tokens = [conditions[batch.scenario[rows]][:, None], layout.sid_tokens(batch.sids[rows],
+                                                                                 config.sid_length(layout))]
     if config.feature_mode == "hard":
         watch_tokens += [layout.feature_token(name, buckets[name].astype(TOKEN_DTYPE))[:, None]
                          for name in layout.feature_names]
     else:
         watch_tokens.append(np.full((len(rows), 1), SOFT_ID, TOKEN_DTYPE))
-    watch_block = np.concatenate(watch_tokens, axis=1)
-
-    results: List[Tuple[List[Dict[str, Any]], List[List[float]]]] = [([], []) for _ in users]
-    for u, cutoff, history, picked, target_rewards in planned:
-        examples, rewards_of_user = results[u]
-        examples.append(_example(batch, users[u][0], cutoff, history, picked, watch_block, soft, feature_row, layout,
-                                 config))
-        rewards_of_user.append(target_rewards)
-    return results
+    return np.concatenate(watch_tokens, axis=1), soft, feature_row
 
 
-def _example(batch: Batch, user_id: str, cutoff: int, history: np.ndarray, picked: List[int],
+def example_from_history(batch: Batch, user_id: str, cutoff: int, history: np.ndarray, picked: List[int],
              watch_block: np.ndarray, soft: np.ndarray, feature_row: np.ndarray, layout: VocabularyLayout,
              config: SequenceConfig) -> Dict[str, Any]:
     """One example dict of ``sequences.make_user_examples``: the history's tokens laid out oldest first."""

@@ -9,6 +9,12 @@ Raw inputs are ``transforms.sequences.RAW_WATCH_FEATURE_COLUMNS``; outputs are, 
 below the number of ids the vocabulary reserves for it (hard tokens), plus z-scored values for the soft-token
 feature vector.
 
+Which features get hard tokens is decided at fit time: a feature whose buckets are all equal on the reference
+watches (implicit-feedback data: a constant watch ratio, one surface, one device, no likes) carries no information,
+so it is left out of the metadata's ``feature_sizes`` (recorded under ``constant_features`` with its bucket), and the
+vocabulary layout built from that metadata gives it no token range and no token per watch. The soft-token vector
+keeps every feature.
+
 The fitted transform is an artifact directory (``transform_fn/``, ``transformed_metadata/``,
 ``transform_fn_metadata.json`` and a ``_MANIFEST.json`` of every file: ``tokenminds_model.manifest``), written
 through a staging directory by ``pipelines.fit_feature_transform``. :func:`read_transform_metadata`, what drivers
@@ -46,6 +52,8 @@ TRANSFORM_OUTPUTS = tuple(FEATURE_SIZES) + SOFT_NUMERIC
 PAD_ROWS_TO = 64
 METADATA_FILE = "transform_fn_metadata.json"
 ARTIFACT_KIND = "feature_transform"
+# Written by FitFeatureTransform (when asked): the distinct buckets each feature took on the reference watches.
+REFERENCE_BUCKETS_FILE = "reference_buckets.json"
 
 
 def raw_feature_spec():
@@ -118,12 +126,59 @@ def snapshot_raw_feature_rows(snapshot: Dict, day_start_us: int, day_end_us: int
     return [row for row, keep in zip(raw_feature_rows(columns), in_day) if keep]
 
 
-class FitFeatureTransform(beam.PTransform):
-    """Raw feature rows -> a transform_fn written to ``output_dir`` (a PCollection of its path, when done)."""
+def _bucket_values(column) -> np.ndarray:
+    """A transformed output column (an Arrow array, possibly of one-element lists) as a flat numpy array."""
+    import pyarrow as pa
 
-    def __init__(self, output_dir: str, temp_dir: Optional[str] = None):
+    while pa.types.is_list(column.type) or pa.types.is_large_list(column.type) \
+            or pa.types.is_fixed_size_list(column.type):
+        column = column.flatten()
+    return np.asarray(column.to_numpy(zero_copy_only=False))
+
+
+class DistinctBuckets(beam.CombineFn):
+    """Transformed record batches -> {feature: sorted distinct bucket ids}, for every feature of FEATURE_SIZES.
+
+    Buckets are clipped as :class:`WatchFeaturizer` clips them, so they are the ids the feature tokens would carry.
+    """
+
+    def create_accumulator(self):
+        return {name: set() for name in FEATURE_SIZES}
+
+    def add_input(self, accumulator, element):
+        batch = element[0] if isinstance(element, tuple) else element  # (RecordBatch, passthrough features)
+        for name, size in FEATURE_SIZES.items():
+            values = _bucket_values(batch.column(batch.schema.get_field_index(name)))
+            accumulator[name].update(np.unique(np.clip(values.astype(np.int64), 0, size - 1)).tolist())
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for accumulator in accumulators:
+            for name, buckets in accumulator.items():
+                merged[name] |= buckets
+        return merged
+
+    def extract_output(self, accumulator):
+        return {name: sorted(int(b) for b in accumulator[name]) for name in FEATURE_SIZES}
+
+
+def _write_json(value, path: str) -> str:
+    outputs.write_text_file(path, json.dumps(value, sort_keys=True) + "\n")
+    return path
+
+
+class FitFeatureTransform(beam.PTransform):
+    """Raw feature rows -> a transform_fn written to ``output_dir`` (a PCollection of its path, when done).
+
+    With ``buckets_path``, the fitted transform is also applied to the same rows (in the pipeline) and the distinct
+    bucket ids each feature took (:class:`DistinctBuckets`) are written there as JSON: what
+    :func:`constant_features` reads to tell the features that carry no information on the reference data.
+    """
+
+    def __init__(self, output_dir: str, temp_dir: Optional[str] = None, buckets_path: Optional[str] = None):
         super().__init__()
-        self._output_dir, self._temp_dir = output_dir, temp_dir
+        self._output_dir, self._temp_dir, self._buckets_path = output_dir, temp_dir, buckets_path
 
     def expand(self, rows):
         import tensorflow_transform.beam as tft_beam
@@ -131,8 +186,22 @@ class FitFeatureTransform(beam.PTransform):
 
         metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw_feature_spec()))
         with tft_beam.Context(temp_dir=self._temp_dir or tempfile.mkdtemp(prefix="tft_")):
-            transform_fn = (rows, metadata) | "Analyze" >> tft_beam.AnalyzeDataset(preprocessing_fn)
+            if self._buckets_path is None:
+                transform_fn = (rows, metadata) | "Analyze" >> tft_beam.AnalyzeDataset(preprocessing_fn)
+            else:
+                (transformed, _), transform_fn = ((rows, metadata) | "Analyze" >> tft_beam.AnalyzeAndTransformDataset(
+                    preprocessing_fn, output_record_batches=True))
+                _ = (transformed
+                     | "DistinctBuckets" >> beam.CombineGlobally(DistinctBuckets())
+                     | "WriteReferenceBuckets" >> beam.Map(_write_json, self._buckets_path))
             return transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(self._output_dir)
+
+
+def constant_features(reference_buckets: Mapping[str, Sequence[int]]) -> Dict[str, int]:
+    """{feature: its one bucket} for each feature whose buckets were all equal on the reference watches, in
+    FEATURE_SIZES order. A feature seen with no bucket at all (no reference watch) is not called constant."""
+    return {name: int(reference_buckets[name][0]) for name in FEATURE_SIZES
+            if name in reference_buckets and len(reference_buckets[name]) == 1}
 
 
 def _probe_columns() -> Dict[str, np.ndarray]:
@@ -149,8 +218,10 @@ def _probe_columns() -> Dict[str, np.ndarray]:
             "device": np.asarray([(DEVICES + ("never_seen",))[i % (len(DEVICES) + 1)] for i in range(n)], object)}
 
 
-def transform_fn_version(transform_dir: str) -> str:
-    """What the transform does, as a hash: its outputs on a fixed probe grid, plus its vocabulary assets.
+def transform_fn_version(transform_dir: str, feature_names: Optional[Sequence[str]] = None) -> str:
+    """What the transform does, as a hash: its outputs on a fixed probe grid, plus its vocabulary assets, plus
+    ``feature_names`` (the features given hard tokens) when they are not all of FEATURE_SIZES (so a transform fitted
+    with every feature keeps the version it always had, and one that drops constant features gets another).
 
     Not a hash of the SavedModel files: TensorFlow serializes the same graph (analyzer results baked in as
     constants) to different bytes on every save, and the version must not change when nothing did. (The manifest
@@ -169,6 +240,8 @@ def transform_fn_version(transform_dir: str) -> str:
         digest.update(os.path.basename(metadata.path).encode())
         with FileSystems.open(metadata.path) as handle:
             digest.update(handle.read())
+    if feature_names is not None and tuple(feature_names) != tuple(FEATURE_SIZES):
+        digest.update(("features:" + ",".join(feature_names)).encode())
     return f"tft-{digest.hexdigest()[:16]}"
 
 
@@ -240,10 +313,25 @@ def lookup_featurize(watches: Sequence, buckets: Mapping[str, np.ndarray], soft:
     return featurize
 
 
-def write_transform_metadata(transform_dir: str, reference_date: str, num_watches: int) -> Dict:
-    metadata = {"transform_fn_version": transform_fn_version(transform_dir), "reference_date": reference_date,
-                "num_reference_watches": num_watches, "feature_sizes": FEATURE_SIZES,
+def write_transform_metadata(transform_dir: str, reference_date: str, num_watches: int, *,
+                             reference_buckets: Optional[Mapping[str, Sequence[int]]] = None,
+                             keep_constant_features: bool = False,
+                             reference_start_date: Optional[str] = None) -> Dict:
+    """Write ``transform_fn_metadata.json``. ``feature_sizes`` (what the vocabulary layout is built from) holds the
+    features of FEATURE_SIZES, in that order, less those constant on the reference watches (``reference_buckets``,
+    from :class:`DistinctBuckets`) unless ``keep_constant_features``; possibly none (a watch is then its condition
+    and SID tokens)."""
+    constant = constant_features(reference_buckets) if reference_buckets is not None else {}
+    informative = [name for name in FEATURE_SIZES if name not in constant]
+    kept = list(FEATURE_SIZES) if keep_constant_features else informative
+    metadata = {"transform_fn_version": transform_fn_version(transform_dir, kept), "reference_date": reference_date,
+                "reference_start_date": reference_start_date or reference_date,
+                "num_reference_watches": num_watches, "feature_sizes": {name: FEATURE_SIZES[name] for name in kept},
+                "informative_features": informative, "constant_features": constant,
+                "keep_constant_features": bool(keep_constant_features),
                 "soft_feature_dim": SOFT_FEATURE_DIM, "raw_columns": list(RAW_WATCH_FEATURE_COLUMNS)}
+    if reference_buckets is not None:
+        metadata["reference_bucket_counts"] = {name: len(reference_buckets.get(name, ())) for name in FEATURE_SIZES}
     outputs.write_text_file(outputs.join(transform_dir, METADATA_FILE), json.dumps(metadata, indent=2) + "\n")
     return metadata
 
@@ -274,8 +362,9 @@ def read_transform_metadata(transform_dir: str, *, verify: bool = True) -> Dict:
 def check_legacy_feature_transform(transform_dir: str) -> str:
     """For ``python -m tokenminds_model.manifest adopt``: recompute a manifest-less transform's version (its outputs
     on the probe grid and its vocabulary assets) and return it if it is the recorded one."""
-    recorded = read_transform_metadata(transform_dir, verify=False)["transform_fn_version"]
-    actual = transform_fn_version(transform_dir)
+    metadata = read_transform_metadata(transform_dir, verify=False)
+    recorded = metadata["transform_fn_version"]
+    actual = transform_fn_version(transform_dir, list(metadata.get("feature_sizes", FEATURE_SIZES)))
     if actual != recorded:
         raise ValueError(f"feature transform {transform_dir}: its files now give version {actual}, but "
                          f"{METADATA_FILE} records {recorded}: it changed after it was fitted (a damaged vocabulary "

@@ -20,7 +20,7 @@ the history caps. Snapshot files hold row groups of ``SNAPSHOT_ROW_GROUP_USERS``
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -52,14 +52,16 @@ def _count(table: str, date: str, kind: str, n: int, reason: str = ""):
 # Reading: Arrow row groups, not rows.
 # ---------------------------------------------------------------------------------------------------------------
 class ReadValidated(beam.PTransform):
-    """One day of a validated event table (``validate_inputs``' output) as Arrow tables, one per row group."""
+    """Days of a validated event table (``validate_inputs``' output) as Arrow tables, one per row group: a backfill's
+    whole window in one read (one listing, one read step), not one branch per day."""
 
-    def __init__(self, validated_root: str, table: str, date):
+    def __init__(self, validated_root: str, table: str, dates: Sequence):
         super().__init__()
-        self._root, self._table, self._date = validated_root, table, date
+        self._root, self._table, self._dates = validated_root, table, list(dates)
 
     def expand(self, pbegin):
-        return (pbegin | "ListFiles" >> beam.Create(check_partition_files(self._root, self._table, self._date))
+        files = [path for date in self._dates for path in check_partition_files(self._root, self._table, date)]
+        return (pbegin | "ListFiles" >> beam.Create(files)
                 | "ReadFiles" >> ReadAllFromParquetBatched(columns=schemas.input_schema(self._table).names))
 
 

@@ -245,7 +245,8 @@ def train_tokenminds(d: Driver, catalogue, popularity: Dict[str, int],
     started = time.perf_counter()
     overrides = json.loads(d.args.model_overrides) if d.args.model_overrides else {}
     result = train([split_dir(d, "train")], checkpoint, preset=d.args.preset, steps=d.args.train_steps,
-                   batch_size=d.args.batch_size, learning_rate=d.args.learning_rate, schedule="constant",
+                   batch_size=d.args.batch_size, learning_rate=d.args.learning_rate, schedule=d.args.schedule,
+                   warmup_steps=d.args.warmup_steps,
                    seed=d.args.seed, log_every=50, progress=not d.args.quiet, tensorboard=False,
                    early_stopping=EarlyStopping(validate, metric="ndcg@10", every=d.args.eval_every,
                                                 patience=d.args.patience),
@@ -451,7 +452,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max_searches", type=int, default=50, help="searches a history may hold")
     parser.add_argument("--max_train_positions", type=int, default=0,
                         help="training examples per user: 0 = every training position")
-    parser.add_argument("--train_targets", type=int, default=4,
+    parser.add_argument("--train_targets", type=int, default=8,
                         help="next training items a training example targets (the paper's K look-ahead targets)")
     parser.add_argument("--codebook_size", type=int, default=64, help="SID codes per level (3 levels)")
     parser.add_argument("--sid_steps", type=int, default=2000, help="RQ-VAE training steps")
@@ -459,11 +460,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--model_overrides", default=None, help='JSON of ModelConfig fields, e.g. {"d_model": 128}')
     parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--train_steps", type=int, default=6000, help="most steps (early stopping ends sooner)")
+    parser.add_argument("--train_steps", type=int, default=5000, help="most steps (early stopping ends sooner)")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--schedule", default="warmup_cosine", choices=("constant", "warmup_cosine"),
+                        help="learning rate: linear warm-up, then cosine decay over --train_steps")
+    parser.add_argument("--warmup_steps", type=int, default=200)
     parser.add_argument("--eval_every", type=int, default=500, help="steps between validations")
-    parser.add_argument("--patience", type=int, default=3, help="validations without improvement before stopping")
+    parser.add_argument("--patience", type=int, default=4, help="validations without improvement before stopping")
     parser.add_argument("--validation_users", type=int, default=1000,
                         help="validation users scored during training (0: all)")
     parser.add_argument("--beam_size", type=int, default=64,
@@ -473,7 +477,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="SASRec history length (the paper's 200 costs ~5x more per step on CPU)")
     parser.add_argument("--sasrec_steps", type=int, default=20000)
     parser.add_argument("--sasrec_eval_every", type=int, default=500)
-    parser.add_argument("--sasrec_time_budget_s", type=float, default=900.0)
+    parser.add_argument("--sasrec_time_budget_s", type=float, default=600.0)
     parser.add_argument("--skip_sasrec", action="store_true")
     args, beam_args = parser.parse_known_args(argv)
     args.beam_args = beam_args
@@ -508,7 +512,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "num_params": result["num_params"], "validation": result["validation"],
         "description": f"encoder-decoder, preset {args.preset} {args.model_overrides or ''} "
                        f"({result['num_params']:,} parameters), {args.max_tokens} input tokens, batch "
-                       f"{args.batch_size}, lr {args.learning_rate}, dropout {args.dropout}; early stopping on "
+                       f"{args.batch_size}, lr {args.learning_rate} ({args.schedule}), {args.train_targets} next "
+                       f"items as targets per training example, dropout {args.dropout}; early stopping on "
                        f"validation NDCG@10 every {args.eval_every} steps (patience {args.patience}); best step "
                        f"{result['best_step']} of {result['steps']}; beam {args.beam_size} over full SIDs, "
                        "items of one SID by training popularity"}}

@@ -393,7 +393,9 @@ def write_report(d: Driver, metrics: Dict[str, Any]) -> None:
                      f"{entry.get('train_seconds', 0):.0f} |")
     lines += ["", "![metrics](metrics.png)", ""]
     if curves or sas:
-        lines += ["![validation](validation.png)", ""]
+        lines += ["![validation](validation.png)", "",
+                  "(TokenMinds' validation masks seen items as the test does; SASRec's own validation during "
+                  "training ranks them too, so its curve is not on the same scale.)", ""]
     lines += ["## Models", ""]
     for model in models:
         entry = metrics["models"][model]

@@ -150,7 +150,8 @@ def dead_letter_dir(output_root: str, date: dt.date) -> str:
 JOB = JobSpec(name="update_histories", summary=__doc__.split("\n\n")[0], option_classes=(UpdateHistoriesOptions,),
               shared=daily_plan.get_task("update_histories").reads,
               ranges={"max_history_watches": (1, None), "max_history_searches": (0, None),
-                      "backfill_days": (1, 3660), "history_shards": (1, 10000)})
+                      "backfill_days": (1, 36600),  # 100 years: a public dataset's whole span
+                      "history_shards": (1, 10000)})
 
 
 def run(argv: Optional[List[str]] = None) -> List[dict]:

@@ -7,8 +7,8 @@ the machinery of ``columnar`` (the build_examples fast path):
 - ``columnar.pack_snapshots``, trimmed to what a history at the cutoff can hold (``serving_trim``), and
   ``columnar.Batch``: the users' events merged, deduplicated and ordered with array sorts, every distinct query cut
   into pieces in one SentencePiece call;
-- ``columnar._history``: the events each history keeps at the cutoff (the end of day D), looking only at the most
-  recent events of each kind;
+- ``columnar.history_positions``: the events each history keeps at the cutoff (the end of day D), looking only at the
+  most recent events of each kind;
 - the kept watches of the whole batch featurized in ONE tensorflow-transform call (``WatchFeaturizer`` pads every
   call so that a row's features do not depend on the other rows of the call);
 - tokens laid out for all users at once (a ``[users, max_tokens]`` scatter).
@@ -57,8 +57,8 @@ def serving_batch(users: Sequence[Tuple[str, Sequence[columnar.Pack]]], cutoff_t
     histories = []
     for u in range(len(users)):
         lo, hi = int(batch.user_bounds[u]), int(batch.user_bounds[u + 1])
-        histories.append(columnar._history(batch, lo, lo + int(np.searchsorted(batch.ts[lo:hi], cutoff_ts_us)),
-                                           watch_cost, config))
+        cutoff = lo + int(np.searchsorted(batch.ts[lo:hi], cutoff_ts_us))
+        histories.append(columnar.history_positions(batch, lo, cutoff, watch_cost, config))
     kept = np.concatenate([np.zeros(0, np.int64)] + histories).astype(np.int64)
     owner = batch.user[kept]
     is_watch = batch.kind[kept] == 1

@@ -272,7 +272,8 @@ def id_sequences(sequences: Dict[str, List[str]], users: Sequence[str]):
     return items, index, [np.asarray([index[v] for v in sequences[u]], np.int64) for u in users]
 
 
-def run_baselines(d: Driver, sequences: Dict[str, List[str]], test_users: Sequence[str]) -> Dict[str, Any]:
+def run_baselines(d: Driver, sequences: Dict[str, List[str]], popularity: Dict[str, int],
+                  test_users: Sequence[str]) -> Dict[str, Any]:
     """most_popular and SASRec on the same split, ranked over every item; returns ranks per model."""
     from tokenminds_model import ranking, sasrec
 
@@ -281,8 +282,8 @@ def run_baselines(d: Driver, sequences: Dict[str, List[str]], test_users: Sequen
     position = {u: i for i, u in enumerate(users)}
     test = [seqs[position[u]] for u in test_users]
     counts = np.zeros(len(items) + 1)
-    for s in seqs:
-        np.add.at(counts, s[:-2], 1)
+    for video, n in popularity.items():
+        counts[index[video]] = n
     popular_scores = ranking.most_popular_scores(counts)
     popular_scores[0] = -np.inf
 
@@ -504,8 +505,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     test_users = [u.decode() if isinstance(u, bytes) else u for u in read_split(d, "test")["user_id"].reshape(-1)]
     tokenminds_ranks = d.step("evaluate_tokenminds",
                               lambda: evaluate_tokenminds(d, trained["checkpoint"], catalogue, popularity, sequences))
-    baselines = d.step("baselines", lambda: run_baselines(d, sequences, test_users)) if not args.skip_sasrec \
-        else None
+    baselines = None if args.skip_sasrec else d.step(
+        "baselines", lambda: run_baselines(d, sequences, popularity, test_users))
 
     result = trained["result"]
     models: Dict[str, Any] = {"tokenminds": {

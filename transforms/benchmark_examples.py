@@ -133,14 +133,7 @@ def build_split_batch(users: Sequence[Tuple[str, Sequence[columnar.Pack]]], layo
 def build_split_users(users: Sequence[Tuple[str, Sequence[columnar.Pack]]], *args) -> Iterator[Tuple[str, Any]]:
     """(user_id, UserSplit | TOO_FEW_WATCHES | the exception) per user: the batch at once, or user by user if it
     fails, so one user's bad data dead-letters that user alone."""
-    try:
-        yield from zip((u for u, _ in users), build_split_batch(users, *args))
-    except (ValueError, KeyError, TypeError, IndexError) as batch_error:
-        if len(users) == 1:
-            yield users[0][0], batch_error
-            return
-        for user in users:
-            yield from build_split_users([user], *args)
+    return columnar.per_user_or_error(build_split_batch, users, *args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,11 +177,8 @@ class BuildSplitBatches(beam.DoFn):
         self._errors = Metrics.counter("build_benchmark_examples", examples.EXAMPLE_BUILD_ERROR)
 
     def setup(self):
-        from tokenminds_model.query_tokenizer import QueryTokenizer
-        from transforms import features
-
-        self._tokenizer = QueryTokenizer.load(self._context.query_tokenizer_dir, verify=False)  # driver verified
-        self._featurizer = features.WatchFeaturizer(self._context.feature_transform_dir)
+        self._tokenizer, self._featurizer = examples.load_token_artifacts(self._context.query_tokenizer_dir,
+                                                                          self._context.feature_transform_dir)
 
     def process(self, users):
         ctx = self._context
@@ -196,14 +186,9 @@ class BuildSplitBatches(beam.DoFn):
         for user_id, built in build_split_users(users, ctx.layout, ctx.config, ctx.split, self._tokenizer,
                                                 self._featurizer):
             if isinstance(built, Exception):  # bad data of one user must not fail the run
-                from transforms.validation import row_to_json
-
                 self._errors.inc()
                 yield beam.pvalue.TaggedOutput(self.COUNTS, (key + (outputs.DEAD, examples.EXAMPLE_BUILD_ERROR), 1))
-                yield beam.pvalue.TaggedOutput(self.DEAD, {
-                    "table": "histories", "reason": examples.EXAMPLE_BUILD_ERROR,
-                    "detail": f"{type(built).__name__}: {built}", "raw_row": row_to_json({"user_id": user_id}),
-                    "partition_date": ctx.date})
+                yield beam.pvalue.TaggedOutput(self.DEAD, examples.build_error_dead_letter(user_id, built, ctx.date))
                 continue
             if built == TOO_FEW_WATCHES:
                 yield beam.pvalue.TaggedOutput(self.COUNTS, (key + (outputs.DROPPED, TOO_FEW_WATCHES), 1))

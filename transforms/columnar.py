@@ -597,13 +597,19 @@ def example_from_history(batch: Batch, user_id: str, cutoff: int, history: np.nd
     return example
 
 
-def build_users(users: Sequence[Tuple[str, Sequence[Pack]]], *args) -> Iterator[Tuple[str, Any]]:
-    """(user_id, (examples, rewards) or the exception) per user: the batch at once, or user by user if it fails."""
+def per_user_or_error(build, users: Sequence[Tuple[str, Sequence[Pack]]], *args) -> Iterator[Tuple[str, Any]]:
+    """(user_id, ``build(users, *args)``'s result for that user, or the exception) per user: the batch at once, or,
+    if it fails on bad data, user by user, so one user's bad data fails that user alone."""
     try:
-        yield from zip((u for u, _ in users), build_batch(users, *args))
+        yield from zip((u for u, _ in users), build(users, *args))
     except (ValueError, KeyError, TypeError, IndexError) as batch_error:
         if len(users) == 1:
             yield users[0][0], batch_error
             return
         for user in users:
-            yield from build_users([user], *args)
+            yield from per_user_or_error(build, [user], *args)
+
+
+def build_users(users: Sequence[Tuple[str, Sequence[Pack]]], *args) -> Iterator[Tuple[str, Any]]:
+    """(user_id, (examples, rewards) or the exception) per user: the batch at once, or user by user if it fails."""
+    return per_user_or_error(build_batch, users, *args)

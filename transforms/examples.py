@@ -241,6 +241,22 @@ def pack_snapshot_rows(table, active_in_day=None, trim=None):
     return columnar.pack_snapshots(table, trim)
 
 
+def load_token_artifacts(query_tokenizer_dir: str, feature_transform_dir: str):
+    """(query tokenizer, watch featurizer) on a worker; its driver verified both artifacts already."""
+    from tokenminds_model.query_tokenizer import QueryTokenizer
+
+    return (QueryTokenizer.load(query_tokenizer_dir, verify=False),
+            features.WatchFeaturizer(feature_transform_dir))
+
+
+def build_error_dead_letter(user_id: str, error: Exception, date: str) -> Dict[str, Any]:
+    """The dead-letter row of a user whose examples could not be built."""
+    from transforms.validation import row_to_json
+
+    return {"table": "histories", "reason": EXAMPLE_BUILD_ERROR, "detail": f"{type(error).__name__}: {error}",
+            "raw_row": row_to_json({"user_id": user_id}), "partition_date": date}
+
+
 class BuildExampleBatches(beam.DoFn):
     """[(user_id, [packs of D-1, D, D+1])] -> serialized examples; tagged outputs for stats records, counts and dead
     letters. One batch of users is built at once (``columnar.build_users``)."""
@@ -254,10 +270,8 @@ class BuildExampleBatches(beam.DoFn):
         self._errors = Metrics.counter("build_examples", EXAMPLE_BUILD_ERROR)
 
     def setup(self):
-        from tokenminds_model.query_tokenizer import QueryTokenizer
-
-        self._tokenizer = QueryTokenizer.load(self._context.query_tokenizer_dir, verify=False)  # driver verified
-        self._featurizer = features.WatchFeaturizer(self._context.feature_transform_dir)
+        self._tokenizer, self._featurizer = load_token_artifacts(self._context.query_tokenizer_dir,
+                                                                 self._context.feature_transform_dir)
 
     def process(self, users):
         ctx = self._context
@@ -266,12 +280,8 @@ class BuildExampleBatches(beam.DoFn):
                                                    ctx.seed, self._tokenizer, self._featurizer):
             if isinstance(built, Exception):  # bad data of one user must not fail the day
                 self._errors.inc()
-                from transforms.validation import row_to_json
-
                 yield beam.pvalue.TaggedOutput(self.COUNTS, (key + (outputs.DEAD, EXAMPLE_BUILD_ERROR), 1))
-                yield beam.pvalue.TaggedOutput(self.DEAD, {
-                    "table": "histories", "reason": EXAMPLE_BUILD_ERROR, "detail": f"{type(built).__name__}: {built}",
-                    "raw_row": row_to_json({"user_id": user_id}), "partition_date": ctx.date})
+                yield beam.pvalue.TaggedOutput(self.DEAD, build_error_dead_letter(user_id, built, ctx.date))
                 continue
             examples, rewards = built
             if not examples:

@@ -110,16 +110,8 @@ TAG_REQUIRED = ("user_id", "tag", "timestamp")
 
 MANIFEST_FILE = "_dataset.json"
 PART_FILE = "part-00000.parquet"
-CATALOG_DIR = "_catalog"  # video_id -> source item id, title, genres: for reading results, not a pipeline input
 # Written by the sample generator; removed so a root never mixes an import with a stale synthetic ground truth.
 STALE_DIRS = ("_truth",)
-
-CATALOG_SCHEMA = pa.schema([
-    pa.field("video_id", pa.string()),
-    pa.field("item_id", pa.string()),  # the source's id, as text
-    pa.field("title", pa.string()),
-    pa.field("genres", pa.string()),
-])
 
 SECOND_US = 1_000_000
 DAY_US = 86_400 * SECOND_US
@@ -160,7 +152,7 @@ class ImportedDataset:
     """The converted tables, keyed ``tables[table][date]`` (every date in ``dates``), and what the manifest says."""
 
     tables: Dict[str, Dict[str, pa.Table]]
-    catalog: pa.Table  # CATALOG_SCHEMA
+    catalog: pa.Table  # schemas.CATALOG_SCHEMA
     dates: List[str]
     embedding_dim: int
     info: Dict  # source, mapping, dropped, users/videos: the manifest's descriptive part
@@ -246,7 +238,7 @@ def write_imported_dataset(dataset: ImportedDataset, output_root: str) -> Dict:
     under the root is touched.
     """
     os.makedirs(output_root, exist_ok=True)
-    for owned_dir in (*schemas.INPUT_TABLES, CATALOG_DIR, *STALE_DIRS):
+    for owned_dir in (*schemas.INPUT_TABLES, schemas.CATALOG_DIR, *STALE_DIRS):
         shutil.rmtree(os.path.join(output_root, owned_dir), ignore_errors=True)
 
     for table_name, by_date in dataset.tables.items():
@@ -255,8 +247,8 @@ def write_imported_dataset(dataset: ImportedDataset, output_root: str) -> Dict:
             os.makedirs(partition)
             pq.write_table(rows, os.path.join(partition, PART_FILE), compression="zstd")
             write_landing_marker(partition)  # last: the day of this table has landed (the DAG's first sensor)
-    os.makedirs(os.path.join(output_root, CATALOG_DIR))
-    pq.write_table(dataset.catalog, os.path.join(output_root, CATALOG_DIR, "items.parquet"), compression="zstd")
+    os.makedirs(os.path.join(output_root, schemas.CATALOG_DIR))
+    pq.write_table(dataset.catalog, os.path.join(output_root, schemas.CATALOG_DIR, "items.parquet"), compression="zstd")
 
     manifest = dataset.manifest()
     outputs.write_json_atomically(os.path.join(output_root, MANIFEST_FILE), manifest)
@@ -666,7 +658,7 @@ def _catalog_table(source: _Source, order: np.ndarray) -> pa.Table:
         pa.array([_text(i) for i in source.item_ids[order]], pa.string()),
         items["title"].take(take).cast(pa.string()),
         genres,
-    ], schema=CATALOG_SCHEMA)
+    ], schema=schemas.CATALOG_SCHEMA)
 
 
 def _empty_searches() -> Dict:

@@ -21,6 +21,9 @@ What is planted, and why:
   Consecutive watches often stay on the same topic.
 * **Search.** Some sessions open with a search whose query comes from the topic's vocabulary, followed seconds
   later by watches of that topic on surface ``search``.
+* **Titles.** Every video has a title from its topic's vocabulary: its sub-topic's word first, then two words of
+  the topic (or generic ones), e.g. "vetu kolami best". Titles are item text for whatever grounds SIDs in text; they
+  are written to ``_catalog/items.parquet`` (the dataset importer's catalog schema), not to the input tables.
 * **Engagement.** Watch-time ratios (0 to 1.2 of the duration) are higher for videos matching the user's
   interests; likes are a few percent, dislikes well under one percent.
 * **Long histories (optional).** With ``history_watches`` > 0 each user also gets a prior history of about that
@@ -96,7 +99,7 @@ _VOWELS = "aeiou"
 
 # Independent random streams, one per concern: changing the number of users does not change the catalog.
 _STREAMS = {"catalog": 1, "users": 2, "sessions": 3, "watches": 4, "searches": 5, "vocabulary": 6, "bad_rows": 7,
-            "history": 8}
+            "history": 8, "titles": 9}
 MAX_HISTORY_WATCHES = 20_000  # prior watches per user on the start date: at most about one every four seconds
 
 VIDEO_TRUTH_SCHEMA = pa.schema([
@@ -106,6 +109,7 @@ VIDEO_TRUTH_SCHEMA = pa.schema([
     pa.field("subtopic", pa.int32()),  # 0..subtopics_per_topic-1, within its topic
     pa.field("duration_s", pa.float64()),
     pa.field("publish_date", pa.string()),
+    pa.field("title", pa.string()),
 ])
 
 USER_TRUTH_SCHEMA = pa.schema([
@@ -203,6 +207,15 @@ class SampleDataset:
     planted_bad_rows: Dict[str, int]  # BAD_ROW_KINDS kind -> rows planted
     topic_vocabulary: List[List[str]]  # topic id -> the words its search queries are made of
 
+    @property
+    def catalog(self) -> pa.Table:
+        """Video id -> title and genres (topic / sub-topic), in the dataset importer's ``schemas.CATALOG_SCHEMA``."""
+        truth = self.video_truth
+        topic, subtopic = truth.column("topic").to_numpy(), truth.column("subtopic").to_numpy()
+        genres = [f"topic {t}|subtopic {t}.{s}" for t, s in zip(topic.tolist(), subtopic.tolist())]
+        return pa.Table.from_arrays([truth.column("video_id"), truth.column("video_id"), truth.column("title"),
+                                     pa.array(genres, pa.string())], schema=schemas.CATALOG_SCHEMA)
+
     def table(self, name: str) -> pa.Table:
         """All partitions of one table as a single table, in date order."""
         return pa.concat_tables([self.tables[name][date] for date in self.config.dates])
@@ -222,6 +235,7 @@ class SampleDataset:
             "bad_row_kind_tables": dict(BAD_ROW_KINDS),
             "topic_vocabulary": {str(t): words for t, words in enumerate(self.topic_vocabulary)},
             "truth_files": {"videos": f"{TRUTH_DIR}/videos.parquet", "users": f"{TRUTH_DIR}/users.parquet"},
+            "catalog_file": f"{schemas.CATALOG_DIR}/items.parquet",
         }
 
 
@@ -250,7 +264,8 @@ def generate_sample_dataset(config: SampleDataConfig) -> SampleDataset:
         schemas.WATCH_EVENTS: _split_by_day(_watch_table(watches, users["user_id"], catalog), watches["day"], dates),
         schemas.SEARCH_EVENTS: _split_by_day(_search_table(searches, users["user_id"]), searches["day"], dates),
     }
-    return SampleDataset(config=config, tables=tables, video_truth=_video_truth_table(catalog, dates),
+    titles = _make_titles(config, catalog, vocabulary)
+    return SampleDataset(config=config, tables=tables, video_truth=_video_truth_table(catalog, dates, titles),
                          user_truth=_user_truth_table(users), planted_bad_rows=planted,
                          topic_vocabulary=vocabulary)
 
@@ -260,12 +275,13 @@ def write_sample_dataset(dataset: SampleDataset, output_root: str) -> Dict:
 
     Layout: ``<root>/<table>/date=D/part-00000.parquet`` for each input table and date, then the partition's
     landing marker ``_SUCCESS`` (what a raw export writes last and the daily DAG's first sensor waits for),
-    ``<root>/_truth/videos.parquet`` and ``<root>/_truth/users.parquet``, and ``<root>/_dataset.json``. The table and
-    truth directories are removed first, so a rerun replaces the previous output instead of mixing with it; nothing
+    ``<root>/_truth/videos.parquet`` and ``<root>/_truth/users.parquet``, the titles in
+    ``<root>/_catalog/items.parquet``, and ``<root>/_dataset.json``. The table, truth and catalog directories are
+    removed first, so a rerun replaces the previous output instead of mixing with it; nothing
     else under the root is touched.
     """
     os.makedirs(output_root, exist_ok=True)
-    for owned_dir in (*schemas.INPUT_TABLES, TRUTH_DIR):
+    for owned_dir in (*schemas.INPUT_TABLES, TRUTH_DIR, schemas.CATALOG_DIR):
         shutil.rmtree(os.path.join(output_root, owned_dir), ignore_errors=True)
 
     for table_name, by_date in dataset.tables.items():
@@ -279,6 +295,8 @@ def write_sample_dataset(dataset: SampleDataset, output_root: str) -> Dict:
     os.makedirs(truth_dir)
     pq.write_table(dataset.video_truth, os.path.join(truth_dir, "videos.parquet"), compression="zstd")
     pq.write_table(dataset.user_truth, os.path.join(truth_dir, "users.parquet"), compression="zstd")
+    os.makedirs(os.path.join(output_root, schemas.CATALOG_DIR))
+    pq.write_table(dataset.catalog, os.path.join(output_root, schemas.CATALOG_DIR, "items.parquet"), compression="zstd")
 
     manifest = dataset.manifest()
     outputs.write_json_atomically(os.path.join(output_root, MANIFEST_FILE), manifest)
@@ -656,6 +674,20 @@ def _make_topic_vocabulary(config: SampleDataConfig) -> List[List[str]]:
     return vocabulary
 
 
+def _make_titles(config: SampleDataConfig, catalog: Dict[str, np.ndarray], vocabulary: List[List[str]]) -> List[str]:
+    """Per video: its sub-topic's word of the topic vocabulary, then two words drawn from the topic's words (or, one
+    time in four, a generic word), so text separates topics and sub-topics about as well as the embedding does."""
+    rng = _rng(config, "titles")
+    words = np.array(vocabulary, dtype=object)  # [topics, words_per_topic]
+    generic = np.array(GENERIC_QUERY_WORDS, dtype=object)
+    topic, subtopic = catalog["topic"].astype(np.int64), catalog["subtopic"].astype(np.int64)
+    n = len(topic)
+    first = words[topic, subtopic % config.words_per_topic]
+    drawn = words[topic[:, None], rng.integers(0, config.words_per_topic, (n, 2))]
+    drawn = np.where(rng.random((n, 2)) < 0.25, generic[rng.integers(0, len(generic), (n, 2))], drawn)
+    return [" ".join(parts) for parts in zip(first, drawn[:, 0], drawn[:, 1])]
+
+
 def _make_searches(config: SampleDataConfig, sessions: Dict[str, np.ndarray],
                    vocabulary: List[List[str]]) -> Dict[str, np.ndarray]:
     """One search at the start of each session that opens with one, its query made of its topic's words."""
@@ -818,7 +850,7 @@ def _search_table(searches, user_ids) -> pa.Table:
     ], schema=schemas.SEARCH_EVENTS_SCHEMA)
 
 
-def _video_truth_table(catalog, dates) -> pa.Table:
+def _video_truth_table(catalog, dates, titles: List[str]) -> pa.Table:
     return pa.Table.from_arrays([
         pa.array(catalog["video_id"], pa.string()),
         _strings(np.array(SCENARIO_NAMES), catalog["scenario"].astype(np.int64)),
@@ -826,6 +858,7 @@ def _video_truth_table(catalog, dates) -> pa.Table:
         pa.array(catalog["subtopic"], pa.int32()),
         pa.array(catalog["duration_s"], pa.float64()),
         _strings(np.array(dates), catalog["publish_day"].astype(np.int64)),
+        pa.array(titles, pa.string()),
     ], schema=VIDEO_TRUTH_SCHEMA)
 
 

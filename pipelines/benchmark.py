@@ -142,11 +142,10 @@ def title_tokenizer(d: Driver) -> Dict:
     """The query tokenizer trained on the item titles, written as train_query_tokenizer writes it."""
     import pyarrow.parquet as pq
 
-    from data_sources.dataset_import import CATALOG_DIR
     from tokenminds_model import manifest as manifest_lib
     from tokenminds_model.query_tokenizer import ARTIFACT_KIND, METADATA_FILENAME, train_query_tokenizer
 
-    titles = pq.read_table(os.path.join(d.raw, CATALOG_DIR, "items.parquet"), columns=["title"])["title"]
+    titles = pq.read_table(os.path.join(d.raw, schemas.CATALOG_DIR, "items.parquet"), columns=["title"])["title"]
     directory = os.path.join(d.out, "query_tokenizer")
     staged = manifest_lib.staged_artifact_dir(directory, ARTIFACT_KIND, legacy_markers=(METADATA_FILENAME,))
     try:

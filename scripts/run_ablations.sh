@@ -5,6 +5,12 @@
 # Usage: bash scripts/run_ablations.sh                   (all phases, generated sample)
 #        PHASE=prepare bash scripts/run_ablations.sh     (only the shared daily flow)
 #        PHASE=table bash scripts/run_ablations.sh       (only print the table of what has been evaluated)
+#        PHASE=rq3 bash scripts/run_ablations.sh
+#        VARIANTS="full no_searches grounded grounded_no_searches" bash scripts/run_ablations.sh
+#                                      (the paper's Table 2: random initialisation vs a SID-grounded pre-trained
+#                                       checkpoint, with and without searches; see pretrain below)
+#                                      (the paper's RQ3: one LFV+SFV model vs one model per scenario; runs what is
+#                                       missing, then prints recall and training compute side by side)
 #        DATASET=movielens bash scripts/run_ablations.sh (MovieLens-1M, see below)
 #   env (defaults): PY=.venv/bin/python WORK=workdir/ablations RESULTS=workdir/ablations/results USERS=1000
 #                   STEPS=300 BATCH=32 VARIANTS="full k1 next full_depth no_searches"
@@ -58,6 +64,10 @@ variant_flags() {  # the build_examples / build_eval_sets sequence options of a 
     next) echo "--target_mode=next" ;;
     full_depth) echo "--full_depth_sids" ;;
     no_searches) echo "--no_searches" ;;
+    lfv_only) echo "--scenarios=LFV" ;;   # RQ3: a model of one scenario (its watches, targets and cutoffs only)
+    sfv_only) echo "--scenarios=SFV" ;;
+    grounded) echo "" ;;                  # Table 2: as full / no_searches, fine-tuned from the grounded checkpoint
+    grounded_no_searches) echo "--no_searches" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
@@ -95,6 +105,22 @@ prepare_movielens() {
   touch "$OUT/.prepared"
 }
 
+# SID grounding (Table 2): one example per catalogue item as of TRAIN_END, its title's query pieces -> its SID
+# (pipelines.build_grounding_examples; the sample's titles come from its topic vocabularies, MovieLens' are the
+# movie titles), trained PRETRAIN_STEPS steps from random weights. The grounded variants start from this checkpoint
+# and then train STEPS steps on behaviour examples, like every other variant.
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-$STEPS}
+pretrain() {
+  local dir=$ROOT/pretrained
+  if [[ -f "$dir/model/model_config.json" ]]; then return; fi
+  step "grounding examples $TRAIN_END, pre-train $PRETRAIN_STEPS steps"
+  $PY -m pipelines.build_grounding_examples --date=$TRAIN_END --input_root="$RAW" --output_root="$OUT" \
+    "${RUNNER[@]}"
+  $PY -m tokenminds_model.train --examples "$OUT/grounding_examples/date=$TRAIN_END" --output="$dir/model" \
+    --steps="$PRETRAIN_STEPS" --batch_size="$BATCH" --no_progress --no_tensorboard --log_every=100 \
+    | grep -v '^RESULT' || true
+}
+
 run_variant() {
   local v=$1 dir=$ROOT/variants/$1 flags
   flags=$(variant_flags "$v")
@@ -114,10 +140,12 @@ run_variant() {
   fi
   local train_dirs=() d=$TRAIN_START
   while [[ ! "$d" > "$TRAIN_END" ]]; do train_dirs+=("$dir/examples/date=$d"); d=$(date -u -d "$d +1 day" +%F); done
+  local init=()
+  if [[ "$v" == grounded* ]]; then pretrain; init=(--init_from="$ROOT/pretrained/model"); fi
   if [[ ! -f "$dir/model/model_config.json" ]]; then
-    step "[$v] train $STEPS steps"
+    step "[$v] train $STEPS steps ${init[*]}"
     $PY -m tokenminds_model.train --examples "${train_dirs[@]}" --output="$dir/model" --steps="$STEPS" \
-      --batch_size="$BATCH" --no_progress --no_tensorboard --log_every=100 | grep -v '^RESULT' || true
+      --batch_size="$BATCH" --no_progress --no_tensorboard --log_every=100 "${init[@]}" | grep -v '^RESULT' || true
   fi
   if [[ -f "$dir/report/metrics.json" ]]; then echo "[$v] already evaluated: $dir/report"; return; fi
   step "[$v] evaluate"
@@ -156,10 +184,58 @@ print("\n".join(lines))
 PY
 }
 
+rq3_table() {  # unified (full) vs one model per scenario (lfv_only + sfv_only): recall and training compute
+  $PY - "$ROOT" "$EVAL_DAY" "$TRAIN_START" "$TRAIN_END" <<'PY'
+import datetime as dt, glob, json, os, sys
+import numpy as np
+from tokenminds_model.data import numpy_batches
+work, day, start, end = sys.argv[1:5]
+days = [(dt.date.fromisoformat(start) + dt.timedelta(days=k)).isoformat()
+        for k in range((dt.date.fromisoformat(end) - dt.date.fromisoformat(start)).days + 1)]
+
+def compute(v):  # examples, non-pad input tokens and targets of the variant's training days; the trainer's time
+    dirs = [os.path.join(work, "variants", v, "examples", f"date={d}") for d in days]
+    n = tokens = targets = 0
+    for batch in numpy_batches(dirs, 256, seed=None, drop_remainder=False):
+        n += len(batch["length"]); tokens += int(batch["length"].sum()); targets += int(batch["num_targets"].sum())
+    doc = json.load(open(os.path.join(work, "variants", v, "model", "model_config.json")))
+    run = doc["runs"][-1]
+    return {"examples": n, "tokens": tokens, "targets": targets, "steps": run["steps_run"],
+            "train_s": run["ms_per_step"] * run["steps_run"] / 1000 if run.get("ms_per_step") else float("nan")}
+
+def recall(v, protocol, scenario):
+    m = json.load(open(os.path.join(work, "variants", v, "report", "metrics.json")))
+    cell = m["protocols"].get(protocol, {}).get("scenarios", {}).get(scenario, {})
+    return cell.get("recall@10", {}).get("model"), cell.get("cases")
+
+c = {v: compute(v) for v in ("full", "lfv_only", "sfv_only")}
+print(f"RQ3 on {work}: training days {start}..{end}, eval day {day}, Recall@10 at prefix L=2 (model)")
+print("model | LFV session | LFV cold-start | SFV session | SFV cold-start | examples | input tokens | targets | "
+      "steps | train s")
+print("--- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
+for v in ("full", "lfv_only", "sfv_only"):
+    cells = []
+    for s in ("LFV", "SFV"):
+        for p in ("session", "cold_start"):
+            r, n = recall(v, p, s)
+            cells.append("-" if r is None else f"{r:.4f} (n={n})")
+    x = c[v]
+    print(" | ".join([v, *cells, f"{x['examples']:,}", f"{x['tokens']:,}", f"{x['targets']:,}", str(x["steps"]),
+                      f"{x['train_s']:.0f}"]))
+two = {k: c["lfv_only"][k] + c["sfv_only"][k] for k in ("examples", "tokens", "train_s")}
+print(f"unified / (LFV-only + SFV-only): examples x tokens {c['full']['tokens'] / two['tokens']:.2f} "
+      f"(input tokens read per epoch), training time at equal steps {c['full']['train_s'] / two['train_s']:.2f}")
+PY
+}
+
 prepare_dataset() { if [[ "$DATASET" == movielens ]]; then prepare_movielens; else prepare; fi; }
 case "$PHASE" in
   prepare) prepare_dataset ;;
   table) table | tee "$RESULTS/${DATASET}_recall_table.md" ;;
+  rq3)
+    prepare_dataset
+    for v in full lfv_only sfv_only; do run_variant "$v" 2>&1 | tee "$RESULTS/${DATASET}_$v.log"; done
+    rq3_table | tee "$RESULTS/${DATASET}_rq3_table.md" ;;
   all)
     prepare_dataset
     for v in $VARIANTS; do run_variant "$v" 2>&1 | tee "$RESULTS/${DATASET}_$v.log"; done

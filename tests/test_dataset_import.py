@@ -181,7 +181,7 @@ def test_rows_are_ordered_by_id_strings_then_time_and_duplicates_and_unknown_ite
     assert [v["video_id"] for v in videos] == ["v30", "v4", "v5", "v77"]  # the never-watched one too
     assert videos[0]["content_embedding"] == pytest.approx([30.0, 30.1, 30.2, 30.3])
     assert {v["publish_ts"] for v in videos} == {dt.datetime(2001, 3, 4, tzinfo=UTC)}
-    catalog = pq.read_table(os.path.join(root, di.CATALOG_DIR, "items.parquet")).to_pylist()
+    catalog = pq.read_table(os.path.join(root, schemas.CATALOG_DIR, "items.parquet")).to_pylist()
     assert catalog[0] == {"video_id": "v30", "item_id": "30", "title": "Movie 30 (2000)", "genres": "Drama|Comedy"}
 
 

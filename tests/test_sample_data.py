@@ -378,6 +378,22 @@ def test_no_bad_rows_when_the_rate_is_zero():
     assert pc.all(pc.greater_equal(watch["watch_time_s"], 0)).as_py()
 
 
+def test_titles_come_from_the_topic_vocabulary_and_name_the_subtopic(dataset):
+    truth = dataset.video_truth.to_pylist()
+    generic = set(sample_data.GENERIC_QUERY_WORDS)
+    for video in truth:
+        words = dataset.topic_vocabulary[video["topic"]]
+        first, *rest = video["title"].split(" ")
+        assert first == words[video["subtopic"] % CONFIG.words_per_topic]
+        assert len(rest) == 2 and all(w in words or w in generic for w in rest), video
+    # Text separates topics: no word of one topic's vocabulary appears in another topic's titles.
+    owner = {w: t for t, words in enumerate(dataset.topic_vocabulary) for w in words}
+    assert all(owner.get(w, v["topic"]) == v["topic"] for v in truth for w in v["title"].split(" "))
+    # Titles are varied within a sub-topic, and drawn from their own random stream (seed-stable, like the rest).
+    assert len({v["title"] for v in truth}) > 0.5 * len(truth)
+    assert dataset.catalog.column("title").to_pylist() == [v["title"] for v in truth]
+
+
 def test_parquet_round_trip_preserves_schema_and_rows(dataset, written):
     for name in schemas.INPUT_TABLES:
         for date in CONFIG.dates:
@@ -389,6 +405,8 @@ def test_parquet_round_trip_preserves_schema_and_rows(dataset, written):
     truth = os.path.join(written, sample_data.TRUTH_DIR)
     assert pq.read_table(os.path.join(truth, "videos.parquet")).equals(dataset.video_truth)
     assert pq.read_table(os.path.join(truth, "users.parquet")).equals(dataset.user_truth)
+    catalog = pq.read_table(os.path.join(written, schemas.CATALOG_DIR, "items.parquet"))
+    assert catalog.schema.equals(schemas.CATALOG_SCHEMA) and catalog.equals(dataset.catalog)
     with open(os.path.join(written, sample_data.MANIFEST_FILE)) as f:
         manifest = json.load(f)
     assert manifest["row_counts"] == dataset.row_counts()

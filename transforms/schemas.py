@@ -74,6 +74,17 @@ def videos_schema() -> pa.Schema:
 
 VIDEOS_SCHEMA = videos_schema()
 
+# Item text beside the input tables (not a pipeline input): ``<raw root>/_catalog/items.parquet``, written by the
+# dataset importer (the source's titles and genres) and the sample generator (titles from topic vocabularies), read
+# by whatever needs item text (reports, SID grounding in text).
+CATALOG_DIR = "_catalog"
+CATALOG_SCHEMA = pa.schema([
+    pa.field("video_id", pa.string()),
+    pa.field("item_id", pa.string()),  # the source's id, as text
+    pa.field("title", pa.string()),
+    pa.field("genres", pa.string()),  # "|"-separated
+])
+
 # The column whose UTC date decides a row's partition, per table.
 PARTITION_COLUMN = {WATCH_EVENTS: "event_ts", SEARCH_EVENTS: "event_ts", VIDEOS: "publish_ts"}
 

@@ -28,6 +28,7 @@ import json
 from typing import List, Optional
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -73,13 +74,17 @@ def build_day(pipeline: beam.Pipeline, date: dt.date, options: PipelineOptions, 
     if version != layout.sid_model_version:
         raise ValueError(f"the SIDs of {day} were assigned by SID model {version}, --sid_model is "
                          f"{layout.sid_model_version}")
+    catalog_files = catalog_path(options)
+    if not FileSystems.match([catalog_files])[0].metadata_list:
+        raise FileNotFoundError(f"no item catalogue at {catalog_files}: import a dataset (pipelines.import_dataset) "
+                                "or generate the sample, which write <input_root>/_catalog/items.parquet, or pass "
+                                "--catalog")
     out_dir = staged(grounding_dir(output_root, date))
 
     # 1. Read every video's SID as of D and the catalogue's titles.
     sids = pipeline | "ReadSids" >> ReadFromParquet(outputs.join(sids_in, "*.parquet"),
                                                     columns=["video_id", "scenario", "sid"])
-    catalog = pipeline | "ReadCatalog" >> ReadFromParquet(catalog_path(options), columns=["video_id", "item_id",
-                                                                                         "title"])
+    catalog = pipeline | "ReadCatalog" >> ReadFromParquet(catalog_files, columns=["video_id", "item_id", "title"])
 
     # 2. Join by video id and build one example per item with a SID and a title; the rest are dead letters.
     built = (sids, catalog) | "BuildGroundingExamples" >> grounding.BuildGroundingExamples(
@@ -94,7 +99,7 @@ def build_day(pipeline: beam.Pipeline, date: dt.date, options: PipelineOptions, 
               built["counts"]]
     summary = (counts | "AllCounts" >> beam.Flatten()
                | "Summarize" >> outputs.SummarizeCounts(extra={
-                   "job": "build_grounding_examples", "date": day, "catalog": catalog_path(options),
+                   "job": "build_grounding_examples", "date": day, "catalog": catalog_files,
                    "sequence_config": repr(config), "versions": {
                        "sid_model": layout.sid_model_version, "query_tokenizer": layout.query_tokenizer_version,
                        "transform_fn": layout.transform_fn_version}}))

@@ -55,11 +55,11 @@ print("history (first 30 tokens):", layout.format_tokens(batch["tokens"][0, :30]
 print("targets:", layout.format_tokens(batch["targets"][0, :int(batch["num_targets"][0, 0])].ravel()))
 PYEOF
 
-step "9/12 Train the user model a few steps on days $START..$LAST_EXAMPLE_DAY (tiny preset, CPU)"
+step "9/12 Train the user model ${TRAIN_STEPS:-2000} steps on days $START..$LAST_EXAMPLE_DAY (tiny preset, CPU; TRAIN_STEPS=200 for a quick look)"
 EXAMPLE_DIRS=()
 for d in $(seq 0 6); do EXAMPLE_DIRS+=("$OUT/examples/date=$(date -u -d "$START +$d day" +%F)"); done
 $PY -m tokenminds_model.train --examples "${EXAMPLE_DIRS[@]}" --output="$OUT/models/date=$LAST_EXAMPLE_DAY" \
-  --steps=${TRAIN_STEPS:-200} --batch_size=16 --learning_rate=3e-3 --log_every=50 --no_progress
+  --steps=${TRAIN_STEPS:-2000} --batch_size=16 --learning_rate=3e-3 --log_every=500 --no_progress
 
 step "10/12 Refresh every user's embedding and tokens as of $REFRESH (20 LFV + 20 SFV tokens per user)"
 $PY -m pipelines.refresh_users --date=$REFRESH --model="$OUT/models/date=$LAST_EXAMPLE_DAY" --output_root="$OUT" \
@@ -78,7 +78,7 @@ PYEOF
 step "10b/12 Collapse diagnostics: do the users' tokens and embeddings differ between users? ($REFRESH)"
 DIAGNOSTICS="$OUT/user_representations/_runs/date=$REFRESH/diagnostics.json"
 $PY -m tokenminds_model.diagnostics --output_root="$OUT" --date=$REFRESH --output="$DIAGNOSTICS"
-$PY - "$DIAGNOSTICS" "${TRAIN_STEPS:-200}" <<'PYEOF'
+$PY - "$DIAGNOSTICS" "${TRAIN_STEPS:-2000}" <<'PYEOF'
 import json, sys
 report, steps = json.load(open(sys.argv[1])), sys.argv[2]
 for name, d in report["scenarios"].items():
@@ -96,7 +96,7 @@ $PY -m pipelines.build_adaptation --date=$REFRESH --output_root="$OUT" "${RUNNER
 step "12/12 Downstream ranking study: do the refresh of $REFRESH's embedding and tokens help rank $END's engagements?"
 $PY -m tokenminds_model.downstream --output_root="$OUT" --refresh_date=$REFRESH \
   --model="$OUT/models/date=$LAST_EXAMPLE_DAY" --output="$OUT/downstream/date=$REFRESH" --seeds=${SEEDS:-5} \
-  --title="Downstream ranking study: the demo (${TRAIN_STEPS:-200}-step model)"
+  --title="Downstream ranking study: the demo (${TRAIN_STEPS:-2000}-step model)"
 
 step "Outputs"
 cat <<TXT

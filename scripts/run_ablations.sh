@@ -5,6 +5,8 @@
 # Usage: bash scripts/run_ablations.sh                   (all phases, generated sample)
 #        PHASE=prepare bash scripts/run_ablations.sh     (only the shared daily flow)
 #        PHASE=table bash scripts/run_ablations.sh       (only print the table of what has been evaluated)
+#        SEEDS="0 1 2" VARIANTS="full grounded" PHASE=seeds bash scripts/run_ablations.sh
+#                                      (each variant trained with every seed: Recall@10 with a t-interval over seeds)
 #        PHASE=rq3 bash scripts/run_ablations.sh
 #        VARIANTS="full no_searches grounded grounded_no_searches" bash scripts/run_ablations.sh
 #                                      (the paper's Table 2: random initialisation vs a SID-grounded pre-trained
@@ -42,6 +44,7 @@ BATCH=${BATCH:-32}
 PHASE=${PHASE:-all}
 EVAL_PROTOCOLS=${EVAL_PROTOCOLS:-session,cold_start}  # what the table reads; "" or all four for full reports
 VARIANTS=${VARIANTS:-"full k1 next full_depth no_searches"}
+SEEDS=${SEEDS:-"0 1 2"}  # PHASE=seeds: training seeds per variant
 DATASET=${DATASET:-sample}
 ML_SOURCE=${ML_SOURCE:-workdir/movielens}
 if [[ "$DATASET" == movielens ]]; then
@@ -121,10 +124,14 @@ pretrain() {
     | grep -v '^RESULT' || true
 }
 
+# A variant named NAME:sK is NAME trained with --seed=K: it shares NAME's examples and eval sets (the data do not
+# depend on the training seed) and has its own model and report, so seeds give an interval over training runs.
 run_variant() {
-  local v=$1 dir=$ROOT/variants/$1 flags
-  flags=$(variant_flags "$v")
-  mkdir -p "$dir"
+  local v=$1 base=${1%%:s*} seed=0 flags
+  [[ "$v" == *:s* ]] && seed=${v##*:s}
+  local dir=$ROOT/variants/$base run_dir=$ROOT/variants/$v
+  flags=$(variant_flags "$base")
+  mkdir -p "$dir" "$run_dir"
   if [[ ! -f "$dir/examples/.done" ]]; then
     step "[$v] examples $TRAIN_START..$TRAIN_END $flags"
     # shellcheck disable=SC2086
@@ -141,27 +148,35 @@ run_variant() {
   local train_dirs=() d=$TRAIN_START
   while [[ ! "$d" > "$TRAIN_END" ]]; do train_dirs+=("$dir/examples/date=$d"); d=$(date -u -d "$d +1 day" +%F); done
   local init=()
-  if [[ "$v" == grounded* ]]; then pretrain; init=(--init_from="$ROOT/pretrained/model"); fi
-  if [[ ! -f "$dir/model/model_config.json" ]]; then
-    step "[$v] train $STEPS steps ${init[*]}"
-    $PY -m tokenminds_model.train --examples "${train_dirs[@]}" --output="$dir/model" --steps="$STEPS" \
-      --batch_size="$BATCH" --no_progress --no_tensorboard --log_every=100 "${init[@]}" | grep -v '^RESULT' || true
+  if [[ "$base" == grounded* ]]; then pretrain; init=(--init_from="$ROOT/pretrained/model"); fi
+  if [[ ! -f "$run_dir/model/model_config.json" ]]; then
+    step "[$v] train $STEPS steps, seed $seed ${init[*]}"
+    $PY -m tokenminds_model.train --examples "${train_dirs[@]}" --output="$run_dir/model" --steps="$STEPS" \
+      --batch_size="$BATCH" --seed="$seed" --no_progress --no_tensorboard --log_every=100 "${init[@]}" \
+      | grep -v '^RESULT' || true
   fi
-  if [[ -f "$dir/report/metrics.json" ]]; then echo "[$v] already evaluated: $dir/report"; return; fi
+  if [[ -f "$run_dir/report/metrics.json" ]]; then echo "[$v] already evaluated: $run_dir/report"; return; fi
   step "[$v] evaluate"
-  $PY -m tokenminds_model.evaluate --protocols="$EVAL_PROTOCOLS" --model="$dir/model" --eval_sets="$dir/eval_sets/date=$EVAL_DAY" \
-    --train_examples="$(IFS=,; echo "${train_dirs[*]}")" --video_sids="$OUT/video_sids/date=$EVAL_DAY" \
-    --output="$dir/report" --prefix_len=2 | tail -n 3
+  $PY -m tokenminds_model.evaluate --protocols="$EVAL_PROTOCOLS" --model="$run_dir/model" \
+    --eval_sets="$dir/eval_sets/date=$EVAL_DAY" --train_examples="$(IFS=,; echo "${train_dirs[*]}")" \
+    --video_sids="$OUT/video_sids/date=$EVAL_DAY" --output="$run_dir/report" --prefix_len=2 | tail -n 3
 }
 
 table() {
   $PY - "$ROOT" "$EVAL_DAY" "$DATASET" $VARIANTS <<'PY'
 import json, os, sys
 work, day, dataset, variants = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+
+
+def wilson(p, n, z=1.96):  # 95% interval of a recall over n independent cases
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5 / (1 + z * z / n)
+    return f"[{centre - half:.3f}, {centre + half:.3f}]"
+
+
 rows = []
 header = ["variant", "method"] + [f"{p}/{s}" for p in ("session", "cold_start") for s in ("LFV", "SFV")] + [
     "stability(self-other)"]
-lines = [f"{dataset}: Recall@10 at prefix L=2, eval day {day}; n = eval cases; last column: mean cosine(perturbed "
+lines = [f"{dataset}: Recall@10 at prefix L=2 [95% Wilson interval], eval day {day}; n = eval cases; last column: mean cosine(perturbed "
          f"self) - mean cosine(random other user), session protocol",
          " | ".join(header), " | ".join("---" for _ in header)]
 for v in variants:
@@ -176,11 +191,66 @@ for v in variants:
             for s in ("LFV", "SFV"):
                 cell = m["protocols"].get(p, {}).get("scenarios", {}).get(s, {})
                 r = cell.get("recall@10", {}).get(method)
-                cells.append("-" if r is None else f"{r:.4f} (n={cell['cases']})")
+                cells.append("-" if r is None else f"{r:.4f} {wilson(r, cell['cases'])} (n={cell['cases']})")
         stab = m["protocols"].get("session", {}).get("stability", {})
         gap = "-" if method != "model" or not stab else f"{stab['mean_cosine_perturbed'] - stab['mean_cosine_other']:.3f}"
         lines.append(" | ".join([v, method] + cells + [gap]))
 print("\n".join(lines))
+PY
+}
+
+# RQ3's downstream side: each model's refresh of the day after its last training day (D = TRAIN_END + 1: no training
+# target lies after D) serves the downstream ranking study on D+1's engagements. Each variant refreshes into its own
+# root (links to the shared tables and artifacts), so the variants' representations never mix.
+rq3_downstream() {
+  local v=$1 root=$ROOT/variants/$1/serving flags d
+  flags=$(variant_flags "$v")
+  d=$(date -u -d "$TRAIN_END +1 day" +%F)
+  if [[ -f "$root/downstream/metrics.json" ]]; then return; fi
+  mkdir -p "$root"
+  for name in histories video_sids validated sid_model query_tokenizer feature_transform; do
+    ln -sfn "$(realpath "$OUT/$name")" "$root/$name"
+  done
+  step "[$v] refresh $d, adaptation artifacts, downstream study on $(date -u -d "$d +1 day" +%F)"
+  # shellcheck disable=SC2086
+  $PY -m pipelines.refresh_users --date="$d" --model="$ROOT/variants/$v/model" --output_root="$root" $flags \
+    "${RUNNER[@]}"
+  $PY -m tokenminds_model.diagnostics --output_root="$root" --date="$d" \
+    --output="$root/user_representations/_runs/date=$d/diagnostics.json" | tail -n 3
+  $PY -m pipelines.build_adaptation --date="$d" --output_root="$root" "${EXTRA[@]}" "${RUNNER[@]}" >/dev/null
+  $PY -m tokenminds_model.downstream --output_root="$root" --refresh_date="$d" --model="$ROOT/variants/$v/model" \
+    --output="$root/downstream" --title="Downstream ranking study: the $v model (RQ3)" | tail -n 6
+}
+
+seeded_names() {  # the run names of base variants $VARIANTS over training seeds $SEEDS (seed 0 is the plain name)
+  local v k
+  for v in $VARIANTS; do for k in $SEEDS; do if [[ $k == 0 ]]; then echo "$v"; else echo "$v:s$k"; fi; done; done
+}
+
+seeds_table() {  # per base variant: Recall@10 (model) as the mean over training seeds with a 95% t-interval
+  $PY - "$ROOT" "$EVAL_DAY" "$SEEDS" $VARIANTS <<'PY'
+import json, os, sys
+import numpy as np
+from scipy import stats
+work, day, seeds, variants = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4:]
+cells = [(p, s) for s in ("LFV", "SFV") for p in ("session", "cold_start")]
+print(f"Recall@10 at prefix L=2 (model), eval day {day}: mean over training seeds {seeds} [95% t-interval]; "
+      "n = eval cases (the same cases for every seed of a variant)")
+print("variant | " + " | ".join(f"{p}/{s}" for p, s in cells))
+print(" | ".join(["---"] * (1 + len(cells))))
+for v in variants:
+    runs = [json.load(open(os.path.join(work, "variants", v if k == "0" else f"{v}:s{k}", "report", "metrics.json")))
+            for k in seeds]
+    row = [v]
+    for p, s in cells:
+        found = [m["protocols"].get(p, {}).get("scenarios", {}).get(s, {}) for m in runs]
+        values = np.array([f["recall@10"]["model"] for f in found if f.get("cases")])
+        if len(values) < 2:
+            row.append("-")
+            continue
+        half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+        row.append(f"{values.mean():.4f} [{values.mean() - half:.4f}, {values.mean() + half:.4f}] (n={found[0]['cases']})")
+    print(" | ".join(row))
 PY
 }
 
@@ -222,6 +292,15 @@ for v in ("full", "lfv_only", "sfv_only"):
     x = c[v]
     print(" | ".join([v, *cells, f"{x['examples']:,}", f"{x['tokens']:,}", f"{x['targets']:,}", str(x["steps"]),
                       f"{x['train_s']:.0f}"]))
+for v in ("full", "lfv_only"):  # the downstream study of each model's refresh (rq3_downstream)
+    path = os.path.join(work, "variants", v, "serving", "downstream", "metrics.json")
+    if os.path.exists(path):
+        s = json.load(open(path))["summary"]
+        cells = []
+        for variant in ("+emb", "+LE", "+emb+LE"):
+            a = s[variant]["auc"]
+            cells.append(f"{variant} {100 * a['lift']:+.2f}% [{100 * a['lift_low']:+.2f}, {100 * a['lift_high']:+.2f}]")
+        print(f"downstream AUC lift over base, {v}: " + "; ".join(cells))
 two = {k: c["lfv_only"][k] + c["sfv_only"][k] for k in ("examples", "tokens", "train_s")}
 print(f"unified / (LFV-only + SFV-only): examples x tokens {c['full']['tokens'] / two['tokens']:.2f} "
       f"(input tokens read per epoch), training time at equal steps {c['full']['train_s'] / two['train_s']:.2f}")
@@ -232,9 +311,14 @@ prepare_dataset() { if [[ "$DATASET" == movielens ]]; then prepare_movielens; el
 case "$PHASE" in
   prepare) prepare_dataset ;;
   table) table | tee "$RESULTS/${DATASET}_recall_table.md" ;;
+  seeds)  # SEEDS="0 1 2" VARIANTS="full grounded" PHASE=seeds: each variant over training seeds, and their table
+    prepare_dataset
+    for v in $(seeded_names); do run_variant "$v" 2>&1 | tee "$RESULTS/${DATASET}_$v.log"; done
+    seeds_table | tee "$RESULTS/${DATASET}_seeds_table.md" ;;
   rq3)
     prepare_dataset
     for v in full lfv_only sfv_only; do run_variant "$v" 2>&1 | tee "$RESULTS/${DATASET}_$v.log"; done
+    for v in full lfv_only; do rq3_downstream "$v" 2>&1 | tee "$RESULTS/${DATASET}_${v}_downstream.log"; done
     rq3_table | tee "$RESULTS/${DATASET}_rq3_table.md" ;;
   all)
     prepare_dataset

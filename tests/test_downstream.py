@@ -119,3 +119,24 @@ def test_the_ranker_learns_from_an_informative_group_and_not_from_noise():
     assert informed["auc"] > base["auc"] + 0.1 and informed["ndcg@10"] > base["ndcg@10"]
     assert informed["log_loss"] < base["log_loss"]
     assert set(split[0]).isdisjoint(split[2]) and len(np.concatenate(split)) == len(data.user_ids)
+
+
+def test_the_report_carries_the_refresh_collapse_diagnostics(tmp_path):
+    import datetime as dt
+    import json
+
+    from transforms import schemas
+
+    day = dt.date(2026, 1, 8)
+    assert D.read_collapse_diagnostics(str(tmp_path), day) is None
+    summary = schemas.run_summary_path(str(tmp_path), schemas.USER_REPRESENTATIONS, day)
+    (tmp_path / summary).parent.mkdir(parents=True)
+    scenario = {"distinct_tokens": 31, "distinct_per_rank": [2, 2, 3, 5, 4, 4], "rank0_top_share": 0.99,
+                "shared_by_all": 11, "mean_jaccard": 0.83, "top_token_share": 1.0, "users": 10}
+    (tmp_path / summary).with_name("diagnostics.json").write_text(json.dumps({
+        "embedding": {"mean_pairwise_cosine": 0.907}, "scenarios": {"LFV": scenario},
+        "personalised": {"LFV": False}}))
+    collapse = D.read_collapse_diagnostics(str(tmp_path), day)
+    assert collapse["scenarios"]["LFV"]["distinct_per_rank"] == [2, 2, 3, 5, 4, 4]
+    text = "\n".join(D._collapse_lines(collapse))
+    assert "0.907" in text and "99% of users share the top rank-0 token" in text and "NOT personalised" in text

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from tokenminds_model.vocabulary import LFV_ID, PAD_ID, SEARCH_ID, SFV_ID, VocabularyLayout
 from transforms import grounding, schemas
@@ -65,10 +66,13 @@ def test_every_row_ends_in_an_example_or_a_dead_letter_with_its_reason():
     assert {d["reason"] for d in dead} == {grounding.SCENARIO_NOT_KEPT} and len(dead) == 2
 
 
-def test_grounding_job_writes_examples_the_trainer_pretrains_and_fine_tunes_from(daily_flow, tmp_path):
+def test_grounding_job_writes_examples_the_trainer_pretrains_and_fine_tunes_from(daily_flow, tmp_path,
+                                                                                   translated_jobs):
+    import glob
+
     from pipelines import build_grounding_examples
     from tests.conftest import FLOW_MODEL
-    from tests.helpers import FNAPI
+    from tests.helpers import FNAPI, MULTIPROCESS, assert_translated, dataflow_args
     from tokenminds_model import train as train_lib
     from tokenminds_model.data import numpy_batches
 
@@ -77,6 +81,9 @@ def test_grounding_job_writes_examples_the_trainer_pretrains_and_fine_tunes_from
     out.mkdir()
     for name in ("video_sids", "sid_model", "query_tokenizer", "feature_transform"):
         (out / name).symlink_to(f"{root}/out/{name}")
+    with pytest.raises(FileNotFoundError, match="no item catalogue"):
+        build_grounding_examples.run([f"--date={day}", f"--input_root={tmp_path}/nothing", f"--output_root={out}",
+                                      *FNAPI])
     [summary] = build_grounding_examples.run([f"--date={day}", f"--input_root={root}/raw", f"--output_root={out}",
                                               *FNAPI])
     catalog = pq.read_table(f"{root}/raw/{schemas.CATALOG_DIR}/items.parquet")
@@ -90,6 +97,13 @@ def test_grounding_job_writes_examples_the_trainer_pretrains_and_fine_tunes_from
         grounding.NO_SID: catalog.num_rows - sids.num_rows}
 
     directory = f"{out}/{grounding.GROUNDING_EXAMPLES}/date={day}"
+    # A rerun on two worker processes (pickled DoFns) replaces the day with byte-identical shards.
+    shards = {p: open(p, "rb").read() for p in sorted(glob.glob(f"{directory}/part-*"))}
+    build_grounding_examples.run([f"--date={day}", f"--input_root={root}/raw", f"--output_root={out}", *MULTIPROCESS])
+    assert shards and {p: open(p, "rb").read() for p in sorted(glob.glob(f"{directory}/part-*"))} == shards
+    assert build_grounding_examples.run([f"--date={day}", f"--input_root={root}/raw", f"--output_root={out}",
+                                         *dataflow_args()]) == []
+    assert_translated(translated_jobs, 1, "BuildGroundingExamples/JoinByVideo", "WriteTFRecords", "Finish")
     behaviour = f"{root}/out/examples/date={day}"
     for name in ("feature_spec.json", "vocabulary.json"):  # the trainer mixes directories only if these agree
         assert json.load(open(f"{directory}/{name}")) == json.load(open(f"{behaviour}/{name}"))

@@ -187,7 +187,8 @@ def test_help_lists_the_jobs_options():
 
 
 JOB_MODULES = ["validate_inputs", "assign_sids", "update_histories", "build_examples", "refresh_users",
-               "build_adaptation", "build_eval_sets", "fit_feature_transform", "train_query_tokenizer"]
+               "build_adaptation", "build_eval_sets", "fit_feature_transform", "train_query_tokenizer",
+               "build_grounding_examples"]
 
 
 @pytest.mark.parametrize("name", JOB_MODULES)

@@ -574,6 +574,39 @@ def verdicts(runs: Mapping[str, Sequence[Mapping[str, float]]], metric: str = "a
     return out
 
 
+def read_collapse_diagnostics(output_root: str, refresh_date: dt.date) -> Optional[Dict[str, object]]:
+    """The refresh's collapse diagnostics (``tokenminds_model.diagnostics --output`` beside its run summary), if
+    written: whether the tokens differ between users decides how much the token variants can add."""
+    from transforms import schemas
+
+    path = os.path.join(os.path.dirname(schemas.run_summary_path(output_root, schemas.USER_REPRESENTATIONS,
+                                                                 refresh_date)), "diagnostics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        report = json.load(handle)
+    return {"path": path, "embedding_mean_pairwise_cosine": report["embedding"]["mean_pairwise_cosine"],
+            "scenarios": {name: {k: d[k] for k in ("distinct_tokens", "distinct_per_rank", "rank0_top_share",
+                                                   "shared_by_all", "mean_jaccard")}
+                          for name, d in report["scenarios"].items()},
+            "personalised": report["personalised"]}
+
+
+def _collapse_lines(collapse) -> List[str]:
+    if not collapse:
+        return ["- Collapse diagnostics: not found (run `tokenminds_model.diagnostics --output=` beside the refresh's "
+                "summary).", ""]
+    lines = [f"- Collapse diagnostics of the refresh (`{collapse['path']}`): mean cosine of two users' embeddings "
+             f"{collapse['embedding_mean_pairwise_cosine']:.3f}."]
+    for name, d in collapse["scenarios"].items():
+        verdict = "personalised" if collapse["personalised"][name] else "NOT personalised"
+        lines.append(f"  - {name}: {d['distinct_tokens']} distinct tokens, distinct per rank "
+                     f"{d['distinct_per_rank'][:5]}, {d['rank0_top_share']:.0%} of users share the top rank-0 token, "
+                     f"{d['shared_by_all']} tokens held by every user, mean Jaccard of two users "
+                     f"{d['mean_jaccard']:.3f}: {verdict}.")
+    return lines + [""]
+
+
 def _leakage_line(check) -> str:
     if isinstance(check, dict):
         days = check["training_days"]
@@ -611,6 +644,7 @@ def write_report(result: Mapping[str, object], output: str, title: str = "Downst
              f"over {data['le_vocabulary']:,} ids).",
              f"- Label leakage (the refresh's model trained only on days before the refresh): "
              f"{_leakage_line(data.get('label_leakage_check'))}.", "",
+             *_collapse_lines(data.get("collapse")),
              "## Protocol", "",
              f"{seeds} seeds; per seed users split {SPLIT[0]:.0%} / {SPLIT[1]:.0%} / {SPLIT[2]:.0%} train / "
              "validation / test, one candidate draw, the same initialisation seed for every variant. Ranker: "
@@ -690,6 +724,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          else "not checked (no --model given)")
         data = load_study_data(args.output_root, args.refresh_date, args.label_days, config, args.validated_root)
         data.description["label_leakage_check"] = leakage_check
+        data.description["collapse"] = read_collapse_diagnostics(args.output_root, args.refresh_date)
         print(f"{data.description['users']:,} users with engagements on {', '.join(data.description['label_days'])}"
               f"; catalogue {data.description['catalog_items']:,} items", flush=True)
         result = run_study(data, config, variants, log=lambda line: print(line, flush=True))

@@ -1,7 +1,8 @@
 """Downstream ranking study: do TokenMinds user representations make a ranker better? (the paper's RQ1 / RQ2)
 
-    python -m tokenminds_model.downstream --output_root=workdir/out --refresh_date=2026-01-07 \
-        --output=workdir/out/downstream/date=2026-01-07 [--seeds=5] [--label_days=1]
+    python -m tokenminds_model.downstream --output_root=workdir/out --refresh_date=2026-01-08 \
+        --model=workdir/out/models/date=2026-01-07 --output=workdir/out/downstream/date=2026-01-08 \
+        [--seeds=5] [--label_days=1]
 
 The setting is the paper's: a refresh as of day D (``pipelines.refresh_users`` over the history snapshot at the end
 of D) serves the rankers of the following day. For every user with a representation and at least one engagement in
@@ -35,7 +36,10 @@ seeds with a 95% Student-t interval over seeds.
 
 Reads only files (pyarrow, no Beam): ``user_representations/date=D``, ``histories/date=D``,
 ``validated/videos/date<=D+label_days``, ``validated/watch_events/date=D+1..``, ``adaptation/date=D``. Writes
-``metrics.json`` (every seed's figures and the summary), ``report.md`` and ``downstream.png``.
+``metrics.json`` (every seed's figures and the summary), ``report.md`` and ``downstream.png``. With ``--model`` (the
+checkpoint the refresh ran) it first checks that the model trained only on days before D
+(:func:`check_model_saw_no_labels`); the report also repeats the refresh's collapse diagnostics where
+``tokenminds_model.diagnostics --output`` wrote them beside its run summary.
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from tokenminds_model import vocabulary
 from tokenminds_model.vocabulary import PAD_ID, SEARCH_ID, VocabularyLayout
-from transforms import features, schemas
+from transforms import examples as examples_lib
+from transforms import features, outputs, schemas
 from transforms.validation import row_to_json
 
 GROUNDING_EXAMPLES = "grounding_examples"
@@ -129,9 +130,6 @@ class _BuildBatch(beam.DoFn):
         self._tokenizer = QueryTokenizer.load(self._tokenizer_dir)
 
     def process(self, items):
-        from transforms import examples as examples_lib
-        from transforms import outputs
-
         built, dead = grounding_examples(items, self._tokenizer, self._layout, self._config, self._date)
         for example in built:
             yield examples_lib.serialize_example(example, self._spec)

@@ -184,6 +184,9 @@ class SampleDataConfig:
             raise ValueError("new videos per day cannot be negative")
         if not 0.0 <= self.bad_row_rate < 0.05:
             raise ValueError(f"bad_row_rate must be in [0, 0.05), got {self.bad_row_rate}")
+        for name in ("lfv_search_session_prob", "sfv_search_session_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.both_scenarios_share <= 1.0:
             raise ValueError(f"both_scenarios_share must be in [0, 1], got {self.both_scenarios_share}")
         if not 0 <= self.history_watches <= MAX_HISTORY_WATCHES:

@@ -35,6 +35,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--history_watches", type=int, default=_DEFAULTS.history_watches,
                         help="a prior history of about this many watches per user on the start date (0: none; "
                              "1200 puts every user near the history cap)")
+    parser.add_argument("--lfv_search_session_prob", type=float, default=_DEFAULTS.lfv_search_session_prob,
+                        help="chance that an LFV session opens with a search (a search-heavy sample: e.g. 0.8)")
+    parser.add_argument("--sfv_search_session_prob", type=float, default=_DEFAULTS.sfv_search_session_prob,
+                        help="chance that an SFV session opens with a search")
     return parser.parse_args(argv)
 
 
@@ -43,7 +47,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     config = SampleDataConfig(users=args.users, days=args.days, seed=args.seed,
                               start_date=args.start_date.isoformat(),  # argparse parses the default too
                               bad_row_rate=args.bad_row_rate, lfv_videos=args.lfv_videos,
-                              sfv_videos=args.sfv_videos, history_watches=args.history_watches)
+                              sfv_videos=args.sfv_videos, history_watches=args.history_watches,
+                              lfv_search_session_prob=args.lfv_search_session_prob,
+                              sfv_search_session_prob=args.sfv_search_session_prob)
 
     started = time.perf_counter()
     dataset = generate_sample_dataset(config)

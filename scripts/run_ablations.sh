@@ -45,6 +45,7 @@ PHASE=${PHASE:-all}
 EVAL_PROTOCOLS=${EVAL_PROTOCOLS:-session,cold_start}  # what the table reads; "" or all four for full reports
 VARIANTS=${VARIANTS:-"full k1 next full_depth no_searches"}
 SEEDS=${SEEDS:-"0 1 2"}  # PHASE=seeds: training seeds per variant
+SAMPLE_ARGS=${SAMPLE_ARGS:-}  # more make_sample_data options, e.g. "--lfv_search_session_prob=0.8" (search-heavy)
 DATASET=${DATASET:-sample}
 ML_SOURCE=${ML_SOURCE:-workdir/movielens}
 if [[ "$DATASET" == movielens ]]; then
@@ -78,7 +79,9 @@ variant_flags() {  # the build_examples / build_eval_sets sequence options of a 
 prepare() {
   if [[ -f "$OUT/.prepared" ]]; then echo "shared flow already in $OUT"; return; fi
   step "generate $USERS users x 9 days"
-  $PY -m pipelines.make_sample_data --output_root="$RAW" --users="$USERS" --days=9 --seed=0 --start_date=$START
+  # shellcheck disable=SC2086
+  $PY -m pipelines.make_sample_data --output_root="$RAW" --users="$USERS" --days=9 --seed=0 --start_date=$START \
+    $SAMPLE_ARGS
   local range=(--start_date=$START --end_date=$END)
   step "validate"
   $PY -m pipelines.validate_inputs "${range[@]}" --input_root="$RAW" --output_root="$OUT" "${RUNNER[@]}" >/dev/null

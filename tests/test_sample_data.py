@@ -450,6 +450,15 @@ def test_config_rejects_impossible_settings():
         SampleDataConfig(topics=3)  # not more topics than max_interests: drift could not find a new one
     with pytest.raises(ValueError):
         SampleDataConfig(lfv_videos=10)  # fewer videos than sub-topics
+    with pytest.raises(ValueError, match="lfv_search_session_prob"):
+        SampleDataConfig(lfv_search_session_prob=1.5)
+
+
+def test_search_heavy_sample_opens_more_sessions_with_a_search():
+    plain = generate_sample_dataset(dataclasses.replace(CONFIG, users=100))
+    heavy = generate_sample_dataset(dataclasses.replace(CONFIG, users=100, lfv_search_session_prob=0.8,
+                                                        sfv_search_session_prob=0.5))
+    assert heavy.table(schemas.SEARCH_EVENTS).num_rows > 2.5 * plain.table(schemas.SEARCH_EVENTS).num_rows
 
 
 def test_history_watches_gives_every_user_a_valid_prior_history_near_the_cap():

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 from typing import List, Optional
 
 import apache_beam as beam
 from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.build_examples import (FEATURE_SPEC_FILE, SEQUENCE_RANGES, VOCABULARY_FILE, SequenceOptions,
-                                      check_sequence_options, sequence_config, vocabulary_layout)
+from pipelines.build_examples import (SEQUENCE_RANGES, SequenceOptions, check_sequence_options, sequence_config,
+                                      vocabulary_layout, write_example_manifests)
 from pipelines.cli import run_main, run_per_day
 from pipelines.options import (ARTIFACTS, DAYS, JobSpec, TokenMindsOptions, artifact_paths, parse_job_options,
                                processing_dates)
@@ -123,9 +122,8 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
 
     def write_spec_and_vocabulary(date, day_outputs):
         for protocol in eval_sets.PROTOCOLS:
-            directory = day_outputs.staged(outputs.join(eval_dir(common.output_root, job, date), protocol))
-            outputs.write_text_file(outputs.join(directory, FEATURE_SPEC_FILE), json.dumps(spec, indent=2) + "\n")
-            layout.save_manifest(outputs.join(directory, VOCABULARY_FILE))
+            write_example_manifests(
+                day_outputs.staged(outputs.join(eval_dir(common.output_root, job, date), protocol)), spec, layout)
 
     return run_per_day(
         options, processing_dates(options), JOB.name,

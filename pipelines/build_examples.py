@@ -114,6 +114,13 @@ def vocabulary_layout(sid_model: str, query_tokenizer: str, feature_transform: s
                             transform_fn_version=transform["transform_fn_version"])
 
 
+def write_example_manifests(out_dir: str, spec, layout: VocabularyLayout) -> None:
+    """``feature_spec.json`` and ``vocabulary.json`` of an example directory: what the trainer checks agree across
+    every directory it reads (behaviour and grounding examples alike)."""
+    outputs.write_text_file(outputs.join(out_dir, FEATURE_SPEC_FILE), json.dumps(spec, indent=2) + "\n")
+    layout.save_manifest(outputs.join(out_dir, VOCABULARY_FILE))
+
+
 def examples_dir(output_root: str, job: BuildExamplesOptions, date: dt.date) -> str:
     return outputs.join(job.examples_output or outputs.join(output_root, "examples"), f"date={date.isoformat()}")
 
@@ -198,9 +205,7 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     root = common.output_root
 
     def write_spec_and_vocabulary(date, day_outputs):
-        out_dir = day_outputs.staged(examples_dir(root, job, date))
-        outputs.write_text_file(outputs.join(out_dir, FEATURE_SPEC_FILE), json.dumps(spec, indent=2) + "\n")
-        layout.save_manifest(outputs.join(out_dir, VOCABULARY_FILE))
+        write_example_manifests(day_outputs.staged(examples_dir(root, job, date)), spec, layout)
 
     # Days are independent of each other; a range builds them one after another, each as its daily run would.
     return run_per_day(

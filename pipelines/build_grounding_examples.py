@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 from typing import List, Optional
 
 import apache_beam as beam
@@ -33,8 +32,8 @@ from apache_beam.io.parquetio import ReadFromParquet
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.assign_sids import sids_dir, sids_model_version
-from pipelines.build_examples import (FEATURE_SPEC_FILE, SEQUENCE_RANGES, STATS_FILE, VOCABULARY_FILE,
-                                      SequenceOptions, check_sequence_options, sequence_config, vocabulary_layout)
+from pipelines.build_examples import (SEQUENCE_RANGES, STATS_FILE, SequenceOptions, check_sequence_options,
+                                      sequence_config, vocabulary_layout, write_example_manifests)
 from pipelines.cli import run_main, run_per_day
 from pipelines.options import (ARTIFACTS, DAYS, JobSpec, TokenMindsOptions, artifact_paths, parse_job_options,
                                processing_dates)
@@ -121,9 +120,7 @@ def run(argv: Optional[List[str]] = None) -> List[dict]:
     spec = examples.feature_spec(config, layout)
 
     def write_spec_and_vocabulary(date, day_outputs):
-        out_dir = day_outputs.staged(grounding_dir(root, date))
-        outputs.write_text_file(outputs.join(out_dir, FEATURE_SPEC_FILE), json.dumps(spec, indent=2) + "\n")
-        layout.save_manifest(outputs.join(out_dir, VOCABULARY_FILE))
+        write_example_manifests(day_outputs.staged(grounding_dir(root, date)), spec, layout)
 
     return run_per_day(
         options, processing_dates(options), JOB.name,

@@ -32,9 +32,12 @@ import glob
 import json
 import os
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 DEFAULT_PAIRS = 2000
 # The verdict's thresholds: tokens are "not personalised" when most users share one best token, when two users'
@@ -192,16 +195,24 @@ def representations_dir(output_root: str, date: dt.date | str) -> str:
     return schemas.partition_dir(output_root, schemas.USER_REPRESENTATIONS, date)
 
 
+def read_job_output(directory: str, columns: Sequence[str], job: str = "job") -> "pa.Table":
+    """The ``columns`` of one complete Parquet job output (a local partition directory whose ``_SUCCESS`` is
+    present), its shards in name order; raises ``FileNotFoundError`` naming the directory otherwise."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if not os.path.exists(os.path.join(directory, "_SUCCESS")):
+        raise FileNotFoundError(f"{directory} is not a complete {job} output (no _SUCCESS)")
+    files = sorted(glob.glob(os.path.join(directory, "*.parquet")))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {directory}")
+    return pa.concat_tables([pq.read_table(path, columns=list(columns)) for path in files])
+
+
 def read_representations(directory: str) -> Tuple[List[str], Dict[str, List[List[str]]], np.ndarray]:
     """One refresh_users partition (local directory of ``*.parquet``, complete: ``_SUCCESS`` present) ->
     (user ids sorted, ``{scenario: [user's tokens by rank]}`` in that user order, embeddings float32[users, dim]).
     A user without tokens of a scenario has an empty list there."""
-    import pyarrow.parquet as pq
-    if not os.path.exists(os.path.join(directory, "_SUCCESS")):
-        raise FileNotFoundError(f"{directory} is not a complete refresh_users output (no _SUCCESS)")
-    files = sorted(glob.glob(os.path.join(directory, "*.parquet")))
-    rows = [row for path in files
-            for row in pq.read_table(path, columns=["user_id", "embedding", "user_tokens"]).to_pylist()]
+    rows = read_job_output(directory, ["user_id", "embedding", "user_tokens"], "refresh_users").to_pylist()
     rows.sort(key=lambda row: row["user_id"])
     scenarios = sorted({t["scenario"] for row in rows for t in row["user_tokens"] or []})
     tokens = {s: [[t["token"] for t in sorted((t for t in row["user_tokens"] or [] if t["scenario"] == s),

@@ -57,9 +57,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from tokenminds_model import adaptation
+from tokenminds_model.diagnostics import read_job_output
 
 # Variant name -> user-side feature groups. "base" is in every variant, so lifts are over what a ranker has anyway.
 VARIANTS: Dict[str, Tuple[str, ...]] = {
@@ -118,22 +118,13 @@ class StudyData:
     description: Dict[str, object]  # what was read, for the report
 
 
-def _parquet_dir(directory: str, columns: Sequence[str], require_success: bool = True) -> pa.Table:
-    if require_success and not os.path.exists(os.path.join(directory, "_SUCCESS")):
-        raise FileNotFoundError(f"{directory} is not a complete job output (no _SUCCESS)")
-    files = sorted(glob.glob(os.path.join(directory, "*.parquet")))
-    if not files:
-        raise FileNotFoundError(f"no Parquet files under {directory}")
-    return pa.concat_tables([pq.read_table(path, columns=list(columns)) for path in files])
-
-
 def read_catalog(validated_root: str, last_day: dt.date) -> Tuple[List[str], np.ndarray]:
     """Every validated video published on or before ``last_day`` -> (video ids, float32[N, D]); the first copy of a
     republished id is kept (partitions in date order, ids sorted within the result)."""
     tables = []
     for path in sorted(glob.glob(os.path.join(validated_root, "videos", "date=*"))):
         if dt.date.fromisoformat(path.rsplit("date=", 1)[1]) <= last_day:
-            tables.append(_parquet_dir(path, ["video_id", "content_embedding"]))
+            tables.append(read_job_output(path, ["video_id", "content_embedding"]))
     if not tables:
         raise FileNotFoundError(f"no validated videos on or before {last_day} under {validated_root}")
     table = pa.concat_tables(tables)
@@ -215,8 +206,8 @@ def token_features(user_tokens: Sequence[Sequence[Mapping]], scenarios: Sequence
 def label_window(validated_root: str, days: Sequence[dt.date], user_index: Mapping[str, int],
                  item_index: Mapping[str, int], min_watch_ratio: float) -> Tuple[List[np.ndarray], List[np.ndarray]]:
     """(engaged items, watched items) per user over the label days' validated watches (catalog items only)."""
-    tables = [_parquet_dir(os.path.join(validated_root, "watch_events", f"date={d.isoformat()}"),
-                           ["user_id", "video_id", "watch_time_s", "video_duration_s"]) for d in days]
+    tables = [read_job_output(os.path.join(validated_root, "watch_events", f"date={d.isoformat()}"),
+                              ["user_id", "video_id", "watch_time_s", "video_duration_s"]) for d in days]
     table = pa.concat_tables(tables)
     users = _index_of(table.column("user_id").combine_chunks(), user_index)
     items = _index_of(table.column("video_id").combine_chunks(), item_index)
@@ -225,9 +216,11 @@ def label_window(validated_root: str, days: Sequence[dt.date], user_index: Mappi
     ratio = np.where(duration > 0, watch / np.where(duration > 0, duration, 1.0), 0.0)
     keep = (users >= 0) & (items >= 0)
     users, items, engaged = users[keep], items[keep], ratio[keep] >= min_watch_ratio
-    positives = [np.unique(items[(users == u) & engaged]) for u in range(len(user_index))]
-    watched = [np.unique(items[users == u]) for u in range(len(user_index))]
-    return positives, watched
+    # Each user's rows once (sorted by user), rather than a scan of every row per user.
+    order = np.argsort(users, kind="stable")
+    bounds = np.searchsorted(users[order], np.arange(len(user_index) + 1))
+    rows = [order[bounds[u]:bounds[u + 1]] for u in range(len(user_index))]
+    return [np.unique(items[r[engaged[r]]]) for r in rows], [np.unique(items[r]) for r in rows]
 
 
 def check_model_saw_no_labels(model_dir: str, output_root: str, refresh_date: dt.date) -> Dict[str, object]:
@@ -263,8 +256,8 @@ def load_study_data(output_root: str, refresh_date: dt.date, label_days: int, co
 
     validated_root = validated_root or os.path.join(output_root, "validated")
     days = [refresh_date + dt.timedelta(days=k) for k in range(1, label_days + 1)]
-    reps = _parquet_dir(schemas.partition_dir(output_root, schemas.USER_REPRESENTATIONS, refresh_date),
-                        ["user_id", "embedding", "user_tokens"])
+    reps = read_job_output(schemas.partition_dir(output_root, schemas.USER_REPRESENTATIONS, refresh_date),
+                           ["user_id", "embedding", "user_tokens"], "refresh_users")
     reps = reps.take(pc.sort_indices(reps, [("user_id", "ascending")]))
     all_users = reps.column("user_id").to_pylist()
     item_ids, item_embeddings = read_catalog(validated_root, days[-1])
@@ -278,8 +271,8 @@ def load_study_data(output_root: str, refresh_date: dt.date, label_days: int, co
     positives = [p for p, k in zip(positives, keep) if k]
     watched = [w for w, k in zip(watched, keep) if k]
 
-    histories = _parquet_dir(schemas.partition_dir(output_root, schemas.HISTORIES, refresh_date),
-                             ["user_id", "watches"])
+    histories = read_job_output(schemas.partition_dir(output_root, schemas.HISTORIES, refresh_date),
+                                ["user_id", "watches"], "update_histories")
     base = recent_history_features(histories, user_index, item_index, item_embeddings, config.recent_watches)
     embedding = reps.column("embedding").combine_chunks()
     emb = embedding.flatten().to_numpy().reshape(len(user_ids), -1).astype(np.float32)

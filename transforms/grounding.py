@@ -9,11 +9,12 @@ condition token and prefix-L SID. The example has exactly the layout of a behavi
 grounding examples alone or mixed with behaviour examples, and its checkpoint is what ``train --init_from``
 fine-tunes.
 
-``grounding_examples`` is the plain logic over Arrow tables; ``BuildGroundingExamples`` the Beam step around it.
-Every input row ends in an example or a dead letter (reasons below).
+``grounding_examples`` is the plain logic over the joined rows of a batch; ``BuildGroundingExamples`` the Beam step
+around it. Every input row ends in an example or a dead letter (reasons below).
 """
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Dict, Iterable, List, Tuple
 
 import apache_beam as beam
@@ -23,7 +24,7 @@ from tokenminds_model import vocabulary
 from tokenminds_model.vocabulary import PAD_ID, SEARCH_ID, VocabularyLayout
 from transforms import examples as examples_lib
 from transforms import features, outputs, schemas
-from transforms.validation import row_to_json
+from transforms.validation import Rejection, dead_letter_row
 
 GROUNDING_EXAMPLES = "grounding_examples"
 CATALOG = "catalog"  # the dead-letter "table" of catalogue (title) rows
@@ -37,7 +38,7 @@ TOKEN_DTYPE = np.int64
 
 
 def _dead(table: str, reason: str, detail: str, row: Dict[str, Any], date: str) -> Dict[str, Any]:
-    return {"table": table, "reason": reason, "detail": detail, "raw_row": row_to_json(row), "partition_date": date}
+    return dead_letter_row(table, dt.date.fromisoformat(date), row, Rejection(reason, detail))
 
 
 def grounding_examples(items: Iterable[Tuple[str, List[Dict[str, Any]], List[Dict[str, Any]]]], tokenizer,

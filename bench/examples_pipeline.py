@@ -180,8 +180,8 @@ def floor_seconds(paths, out_dir: str, records: int, total_bytes: int, repeats: 
 
 
 def bare_rewrite_seconds(parts, out_dir: str, repeats: int) -> dict:
-    """Best-of-``repeats`` CPU (and wall) seconds of ``pq.read_table`` + ``pq.write_table`` (same compression) of
-    each of ``parts``: what a fold that only read and rewrote the snapshot would cost."""
+    """Best-of-``repeats`` CPU (and wall) seconds of ``pq.read_table`` + ``pq.write_table`` (same compression and
+    dictionary encoding) of each of ``parts``: what a fold that only read and rewrote the snapshot would cost."""
     os.makedirs(out_dir, exist_ok=True)
     cpus, walls, rows = [], [], 0
     for _ in range(repeats):
@@ -189,12 +189,16 @@ def bare_rewrite_seconds(parts, out_dir: str, repeats: int) -> dict:
         rows = 0
         for index, path in enumerate(parts):
             metadata = pq.ParquetFile(path).metadata
-            compression = (metadata.row_group(0).column(0).compression.lower()
-                           if metadata.num_row_groups and metadata.num_columns else "snappy")
+            first = (metadata.row_group(0).column(0)
+                     if metadata.num_row_groups and metadata.num_columns else None)
+            compression = first.compression.lower() if first is not None else "snappy"
+            # The snapshot's own encoding: a plain-encoded snapshot is rewritten plain (cheaper than dictionaries).
+            dictionary = first.has_dictionary_page if first is not None else True
             table = pq.read_table(path)
             rows += table.num_rows
             pq.write_table(table, f"{out_dir}/part-{index:05d}.parquet",
-                           compression=None if compression == "uncompressed" else compression)
+                           compression=None if compression == "uncompressed" else compression,
+                           use_dictionary=dictionary)
             del table
         cpus.append(time.process_time() - cpu)
         walls.append(time.perf_counter() - started)

@@ -35,7 +35,7 @@ from pipelines.update_histories import require_success, snapshot_dir, snapshot_s
 from tokenminds_model.checkpoints import read_sid_model_config
 from tokenminds_model.query_tokenizer import QueryTokenizer
 from tokenminds_model.vocabulary import VocabularyLayout
-from transforms import examples, features, outputs, schemas, sequences
+from transforms import examples, features, histories, outputs, schemas, sequences
 
 STATS_FILE = "stats.json"
 FEATURE_SPEC_FILE = "feature_spec.json"
@@ -142,18 +142,25 @@ def build_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: Bui
                                            day_start_us=schemas.to_epoch_us(start), day_end_us=schemas.to_epoch_us(end),
                                            date=day)
 
-    # 1. Read the three snapshots as Arrow tables (the day before is optional: a first day has no history).
-    snapshots = []
-    for label, snapshot_day in zip(("Before", "Day", "After"), snapshot_days):
-        directory = snapshot_dir(output_root, snapshot_day)
-        if outputs.success_marker_exists(directory):
-            snapshots.append(pipeline | f"Read{label}" >> ReadFromParquetBatched(
-                outputs.join(directory, "*.parquet"), columns=["user_id", "watches", "searches"]))
-        else:
-            snapshots.append(pipeline | f"No{label}" >> beam.Create([]))
-
-    # 2. Build examples of the users active on D, in columnar batches.
-    built = tuple(snapshots) | "BuildExamples" >> examples.BuildExamples(context)
+    # 1-2. Build the examples of the users active on D from the three snapshots (the day before is optional: a first
+    #      day has no history), in columnar batches. Snapshots written with one shard count hold the same users in
+    #      part s, sorted, so each shard is a merge join of its three parts and nothing is shuffled; otherwise the
+    #      snapshots are read as Arrow tables and joined by user.
+    directories = [snapshot_dir(output_root, d) if outputs.success_marker_exists(snapshot_dir(output_root, d))
+                   else None for d in snapshot_days]
+    shard_counts = {histories.snapshot_shard_count(d) for d in directories if d is not None}
+    if len(shard_counts) == 1 and None not in shard_counts:
+        built = pipeline | "BuildExamplesByShard" >> examples.BuildExamplesByShard(context, directories,
+                                                                                   shard_counts.pop())
+    else:
+        snapshots = []
+        for label, directory in zip(("Before", "Day", "After"), directories):
+            if directory is None:
+                snapshots.append(pipeline | f"No{label}" >> beam.Create([]))
+            else:
+                snapshots.append(pipeline | f"Read{label}" >> ReadFromParquetBatched(
+                    outputs.join(directory, "*.parquet"), columns=["user_id", "watches", "searches"]))
+        built = tuple(snapshots) | "BuildExamples" >> examples.BuildExamples(context)
 
     # 3. Write shards and dead letters, then stats.json and _SUCCESS.
     out_dir = staged(examples_dir(output_root, job, date))

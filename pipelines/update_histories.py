@@ -95,14 +95,14 @@ def update_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validat
         events[table] = [pipeline | f"Read {table}" >> histories.ReadValidated(validated_root, table, event_days)]
     out_dir = staged(snapshot_dir(output_root, date))
     dead_dir = staged(dead_letter_dir(output_root, date))
-    by_shard = (has_previous and not remap_previous
-                and histories.is_sharded_snapshot(previous_dir, job.history_shards))
+    by_shard = folds_by_shard(previous_dir, has_previous, remap_previous, job.history_shards)
 
     # 2. Transform: attach SIDs (dead-lettering watches of unknown videos; after a SID model change, yesterday's
     #    watches too), bound each user's day, fold. Yesterday's part s holds exactly the users of today's part s
     #    when both have --history_shards shards, so then only the day's events are shuffled (keyed by shard) and
-    #    each shard's fold reads yesterday's part itself. Otherwise (a backfill, a SID model change, another shard
-    #    count) every record, yesterday's too, is keyed by user.
+    #    each shard's fold reads yesterday's part itself; a backfill (no snapshot yesterday) folds its window's
+    #    events the same way. Otherwise (a SID model change, another shard count) every record, yesterday's too, is
+    #    keyed by user.
     shards = job.history_shards if by_shard else 0
     keyed = [
         events[schemas.WATCH_EVENTS] | "AllWatches" >> beam.Flatten() | "KeyWatches" >> histories.KeyByUser(
@@ -112,7 +112,8 @@ def update_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validat
     if by_shard:
         folded = ([k["keyed"] for k in keyed] | "AllKeyed" >> beam.Flatten()
                   | "FoldShards" >> histories.FoldShards(day, version, job.max_history_watches,
-                                                         job.max_history_searches, previous_dir, out_dir,
+                                                         job.max_history_searches,
+                                                         previous_dir if has_previous else None, out_dir,
                                                          job.history_shards))
         snapshot_files, user_counts = folded["files"], []
     else:
@@ -141,6 +142,14 @@ def update_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, validat
                    "max_history_searches": job.max_history_searches}))
     _ = summary | "Finish" >> outputs.WriteSummaryAndSuccess(staged(snapshot_summary_path(output_root, date)),
                                                              [out_dir], after=writes)
+
+
+def folds_by_shard(previous_dir: str, has_previous: bool, remap_previous: bool, num_shards: int) -> bool:
+    """Whether the day is folded shard by shard (``histories.FoldShards``: only the day's events shuffled, by
+    shard): when yesterday's snapshot has today's shards and SID model, or when there is none (a backfill)."""
+    if not has_previous:
+        return True
+    return not remap_previous and histories.is_sharded_snapshot(previous_dir, num_shards)
 
 
 def dead_letter_dir(output_root: str, date: dt.date) -> str:

@@ -62,10 +62,44 @@ def test_examples_read_back_with_the_documented_layout(daily_flow):
     assert mix.get("LFV", 0) > 0 and mix.get("SFV", 0) > 0
 
 
-def test_two_runs_give_the_same_multiset_of_serialized_examples(daily_flow):
+def test_the_shuffle_join_builds_what_the_shard_merge_join_builds(daily_flow, tmp_path):
+    """The flow's snapshots share one shard count, so its examples were built shard by shard (a merge join of the
+    three sorted parts, nothing shuffled). Re-sharding the day before into one unsorted file makes the job read the
+    snapshots whole and join them by user (a shuffle): a second run, the same multiset of serialized examples."""
+    import datetime as dt
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from transforms import histories
+
     day = daily_flow["dates"][1]
-    build(daily_flow, day, "again")
-    assert serialized_records(examples_dir(daily_flow["root"], day, "again")) == serialized_records(
+    before = (dt.date.fromisoformat(day) - dt.timedelta(days=1)).isoformat()
+    out = tmp_path / "out"
+    out.mkdir()
+    for entry in os.listdir(f"{daily_flow['root']}/out"):
+        if entry != "histories":
+            os.symlink(f"{daily_flow['root']}/out/{entry}", out / entry)
+    (out / "histories").mkdir()
+    for entry in os.listdir(f"{daily_flow['root']}/out/histories"):
+        source, target = f"{daily_flow['root']}/out/histories/{entry}", out / "histories" / entry
+        if entry != f"date={before}":
+            os.symlink(source, target)
+            continue
+        target.mkdir()
+        assert histories.snapshot_shard_count(source) > 1
+        rows = pq.read_table(sorted(glob.glob(f"{source}/*.parquet")))
+        pq.write_table(rows.take(pa.array(np.random.default_rng(0).permutation(rows.num_rows))),
+                       target / "part-00000-of-00001.parquet")
+        for name in os.listdir(source):
+            if not name.endswith(".parquet"):
+                os.symlink(f"{source}/{name}", target / name)
+    assert histories.snapshot_shard_count(str(out / "histories" / f"date={before}")) == 1
+    [stats] = build_examples.run([f"--date={day}", f"--output_root={out}", f"--examples_output={tmp_path}/ex",
+                                  *FNAPI])
+    assert stats["totals"] == daily_flow["stats"][day]["totals"]
+    assert serialized_records(f"{tmp_path}/ex/date={day}") == serialized_records(
         examples_dir(daily_flow["root"], day))
 
 
@@ -162,7 +196,8 @@ def test_columnar_batches_build_the_reference_examples(daily_flow):
     tokenizer, featurizer = QueryTokenizer.load(artifacts[1]), features.WatchFeaturizer(artifacts[2])
     for config in (sequences.SequenceConfig(max_tokens=64),
                    sequences.SequenceConfig(max_tokens=48, feature_mode="soft", max_targets=3),
-                   sequences.SequenceConfig(max_tokens=200, max_watches=3),  # searches reach far past the watches
+                   sequences.SequenceConfig(max_tokens=200, max_watches=3, target_mode="next"),  # searches reach
+                   # far past the watches
                    sequences.SequenceConfig(max_tokens=100, max_searches=2, feature_mode="soft")):
         trim = columnar.Trim.for_day(start, end, layout, config)
         packs = [dict(columnar.pack_snapshots(pa_table_of(list(r.values())), trim)) for r in rows]

@@ -176,9 +176,15 @@ def test_shard_by_shard_fold_writes_the_bytes_of_the_fold_by_user(tmp_path, monk
     write_sids(tmp_path, D1, {"v1": (1, 1, 1), "v2": (2, 2, 2)})
     write_validated(tmp_path, D1, [watch(user_id=u, video_id="v1", event_ts=at(D1, 9, i)) for i, u in enumerate(users)],
                     [search(user_id=u, event_ts=at(D1, 8), query=u) for u in users[::2]])
-    run(tmp_path, D1, "--backfill_days=1", "--history_shards=3")
+    d1_summary, _ = run(tmp_path, D1, "--backfill_days=1", "--history_shards=3")  # a backfill: folded by shard
     assert histories.is_sharded_snapshot(update_histories.snapshot_dir(str(tmp_path), D1), 3)
     assert not histories.is_sharded_snapshot(update_histories.snapshot_dir(str(tmp_path), D1), 4)
+    d1_by_shard = _snapshot_bytes(tmp_path, D1)
+    with monkeypatch.context() as patch:
+        patch.setattr(update_histories, "folds_by_shard", lambda *args: False)
+        d1_summary_by_user, _ = run(tmp_path, D1, "--backfill_days=1", "--history_shards=3")
+    assert _snapshot_bytes(tmp_path, D1) == d1_by_shard
+    assert d1_summary_by_user["tables"] == d1_summary["tables"] and d1_summary_by_user["stats"] == d1_summary["stats"]
     write_sids(tmp_path, D2, {"v1": (1, 1, 1), "v2": (2, 2, 2)})
     write_validated(tmp_path, D2, [watch(user_id=u, video_id="v2", event_ts=at(D2, 10, m))
                                    for u in users[3:] + ["new_user"] for m in range(4)],

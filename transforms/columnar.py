@@ -384,6 +384,7 @@ class Batch:
         levels = np.arange(layout.sid_levels)
         self.sids = sid_values[np.minimum(sid_starts[w][:, None] + levels, max(len(sid_values) - 1, 0))] \
             if len(w) else np.zeros((0, layout.sid_levels), np.int64)
+        self.video_rank = v_rank[w]  # equal ranks: equal video ids
         self.video_ids = video_ids.take(pa.array(w, pa.int64()))
         self.video_id_list = self.video_ids.to_pylist()  # str per watch, for the per-cutoff Python work
         self.surface = _concat_strings([p.w_strings[1] for _, p in packs]).take(pa.array(w, pa.int64()))
@@ -421,7 +422,7 @@ class Batch:
             gap_s[real]
         self.user_bounds = np.searchsorted(self.user, np.arange(len(users) + 1))
         self.w_ts = w_ts[w]
-        self.target_hash_keys: Dict[int, bytes] = {}  # watch -> its hashed (video, time) fields (``_targets``)
+        self.target_hash_keys: Dict[int, bytes] = {}  # watch -> its hashed (video, time) fields
         self.ratio = np.minimum(np.maximum(self.watch_time_s / self.duration_s, 0.0), MAX_WATCH_RATIO)
 
 
@@ -463,37 +464,66 @@ def history_positions(batch: Batch, lo: int, hi: int, watch_cost: int, config: S
     return newest_first[np.cumsum(cost) <= config.max_tokens][::-1]
 
 
-def _targets_and_rewards(batch: Batch, watches: np.ndarray, cutoff: int, reward: np.ndarray, config: SequenceConfig,
-                         seed: int, user_id: str) -> Tuple[List[int], List[float]]:
-    """``_targets``, and each target's video's best reward in the window (what the stats report)."""
-    ts = batch.w_ts[watches]
-    window = watches[(ts >= cutoff) & (ts < cutoff + config.window_us)]
-    video_ids = batch.video_id_list
-    best: Dict[str, Tuple[int, float]] = {}  # video -> the highest-reward watch, the earliest on ties
-    for i, r in zip(window.tolist(), reward[window].tolist()):
-        video = video_ids[i]
-        if video not in best or r > best[video][1]:
-            best[video] = (i, r)
+def look_ahead_targets(batch: Batch, cutoffs: Sequence[Tuple[int, int]], user_ids: Sequence[str], reward: np.ndarray,
+                       config: SequenceConfig, seed: int) -> List[Tuple[List[int], List[float]]]:
+    """``targets.sample_targets`` (or ``next_watch_target``) for every (user index, cutoff) of ``cutoffs`` at once:
+    per cutoff, the picked watches (batch watch indices, in draw order) and each one's video's best reward in the
+    window (what the stats report).
+
+    Windows, the best watch per video and the draw order are array operations over all windows of the batch; only
+    the keyed hash of each candidate is a Python call (a watch's (video, time) fields are hashed once per batch)."""
+    is_watch = batch.kind == 1
+    timeline = batch.index[is_watch]  # watch indices, user by user, each in timeline order (= index order)
+    bounds = np.searchsorted(batch.user[is_watch], np.arange(len(batch.user_bounds)))
+    ts = batch.w_ts[timeline]
+    lo = np.zeros(len(cutoffs), np.int64)
+    hi = np.zeros(len(cutoffs), np.int64)
+    for e, (u, cutoff) in enumerate(cutoffs):
+        a, b = bounds[u], bounds[u + 1]
+        lo[e], hi[e] = a + np.searchsorted(ts[a:b], [cutoff, cutoff + config.window_us])
+    # Every (window, watch in it) pair, windows in order, each window's watches in timeline order.
+    lengths = hi - lo
+    example = np.repeat(np.arange(len(cutoffs)), lengths)
+    position = np.repeat(lo - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+    watch = timeline[position]
+    value, video = reward[watch], batch.video_rank[watch]
+    # Each window's best watch of each video: highest reward, the earliest on ties (sorted by window, video).
+    order = np.lexsort([position, -value, video, example])
+    first = np.ones(len(order), bool)
+    first[1:] = (example[order][1:] != example[order][:-1]) | (video[order][1:] != video[order][:-1])
+    best = order[first]
     if config.target_mode == "next":
-        picked = [int(i) for i in window[reward[window] > 0.0][:1]]
+        positive = np.flatnonzero(value > 0.0)  # in (window, timeline) order
+        chosen = positive[np.r_[True, example[positive][1:] != example[positive][:-1]]] if len(positive) else positive
+        # The chosen watch's video's best reward: its (window, video) group's, found in ``best``'s order.
+        group = np.searchsorted(example[best] * (int(video.max()) + 1) + video[best],
+                                example[chosen] * (int(video.max()) + 1) + video[chosen]) if len(chosen) else chosen
+        picks, chosen_value = chosen, value[best[group]] if len(chosen) else np.zeros(0)
     else:
-        # keyed_hasher("target", seed, user_id, cutoff)(video, ts), with each watch's (video, ts) fields hashed
-        # once per batch (a watch is in the window of several cutoffs).
-        base = hashlib.blake2b(digest_size=8)
-        base.update(b"".join([_hash_field("target"), _hash_field(seed), _hash_field(user_id), _hash_field(cutoff)]))
-        keys = batch.target_hash_keys
-        keyed = []
-        for video, (i, r) in best.items():
-            if r > 0.0:
-                key = keys.get(i)
-                if key is None:
-                    key = keys[i] = _hash_field(video) + _hash_field(int(batch.w_ts[i]))
-                digest = base.copy()
-                digest.update(key)
-                keyed.append((-math.log(uniform_from_hash(int.from_bytes(digest.digest(), "big"))) / r, i))
-        keyed.sort()  # ties (equal 53-bit hashes) by timeline order
-        picked = [i for _, i in keyed[:config.max_targets]]
-    return picked, [best[video_ids[i]][1] for i in picked]
+        candidates = best[value[best] > 0.0]
+        keys = np.empty(len(candidates))
+        hashed = batch.target_hash_keys
+        video_ids, base, current = batch.video_id_list, None, -1
+        for j, (e, i, r) in enumerate(zip(example[candidates].tolist(), watch[candidates].tolist(),
+                                          value[candidates].tolist())):
+            if e != current:  # keyed_hasher("target", seed, user_id, cutoff), once per window
+                u, cutoff = cutoffs[e]
+                base, current = hashlib.blake2b(digest_size=8), e
+                base.update(b"".join([_hash_field("target"), _hash_field(seed), _hash_field(user_ids[u]),
+                                      _hash_field(cutoff)]))
+            key = hashed.get(i)
+            if key is None:
+                key = hashed[i] = _hash_field(video_ids[i]) + _hash_field(int(batch.w_ts[i]))
+            digest = base.copy()
+            digest.update(key)
+            keys[j] = -math.log(uniform_from_hash(int.from_bytes(digest.digest(), "big"))) / r
+        # Draw order: smallest key first (ties, which need equal 53-bit hashes, by timeline order); K per window.
+        drawn = candidates[np.lexsort([watch[candidates], keys, example[candidates]])]
+        starts = np.searchsorted(example[drawn], example[drawn])
+        picks = drawn[np.arange(len(drawn)) - starts < config.max_targets]
+        chosen_value = value[picks]
+    split = np.searchsorted(example[picks], np.arange(1, len(cutoffs)))
+    return [(w.tolist(), v.tolist()) for w, v in zip(np.split(watch[picks], split), np.split(chosen_value, split))]
 
 
 def build_batch(users: Sequence[Tuple[str, Sequence[Pack]]], day_start_us: int, day_end_us: int,
@@ -504,21 +534,23 @@ def build_batch(users: Sequence[Tuple[str, Sequence[Pack]]], day_start_us: int, 
     batch = Batch(users, layout, config, tokenizer)
     reward = rewards(batch, config)
     watch_cost = config.watch_token_count(layout)
-    planned = []  # (user index, cutoff, history positions, target watch indices)
+    with_history = []  # (user index, cutoff, history positions)
     for u, (user_id, _) in enumerate(users):
         lo, hi = batch.user_bounds[u], batch.user_bounds[u + 1]
-        user_watches = batch.index[lo:hi][batch.kind[lo:hi] == 1]
         for cutoff in _cutoffs(batch.ts[lo:hi], day_start_us, day_end_us, config, seed, user_id):
             history = history_positions(batch, lo, lo + int(np.searchsorted(batch.ts[lo:hi], cutoff)), watch_cost,
                                         config)
-            if not len(history):
-                continue
-            picked, target_rewards = _targets_and_rewards(batch, user_watches, cutoff, reward, config, seed, user_id)
-            if not batch.sid_ok[picked].all() or (picked and not batch.sid_ok[
-                    batch.index[history][batch.kind[history] == 1]].all()):
-                raise ValueError(f"a watch's SID does not have the layout's {layout.sid_levels} levels")
-            if picked:
-                planned.append((u, cutoff, history, picked, target_rewards))
+            if len(history):
+                with_history.append((u, cutoff, history))
+    targets = look_ahead_targets(batch, [(u, cutoff) for u, cutoff, _ in with_history], [u for u, _ in users],
+                                 reward, config, seed)
+    planned = []  # (user index, cutoff, history positions, target watch indices, their rewards)
+    for (u, cutoff, history), (picked, target_rewards) in zip(with_history, targets):
+        if not batch.sid_ok[picked].all() or (picked and not batch.sid_ok[
+                batch.index[history][batch.kind[history] == 1]].all()):
+            raise ValueError(f"a watch's SID does not have the layout's {layout.sid_levels} levels")
+        if picked:
+            planned.append((u, cutoff, history, picked, target_rewards))
 
     watch_block, soft, feature_row = featurized_watch_tokens(batch, [h for _, _, h, _, _ in planned], layout, config,
                                                              featurizer)

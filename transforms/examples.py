@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
 from tokenminds_model.vocabulary import VocabularyLayout
-from transforms import columnar, features, outputs, sequences
+from transforms import columnar, features, outputs, schemas, sequences
 from transforms import targets as target_lib
 
 EXAMPLE_BUILD_ERROR = "example_build_error"
+# The snapshot columns examples are built from.
+SNAPSHOT_COLUMNS = [f for f in schemas.HISTORIES_SCHEMA if f.name in ("user_id", "watches", "searches")]
 NO_EXAMPLE = "no_cutoff_with_history_and_targets"
 USERS = "users"
 
@@ -274,6 +278,9 @@ class BuildExampleBatches(beam.DoFn):
                                                                  self._context.feature_transform_dir)
 
     def process(self, users):
+        yield from self._build(users)
+
+    def _build(self, users):
         ctx = self._context
         key = (USERS, ctx.date)
         for user_id, built in columnar.build_users(users, ctx.day_start_us, ctx.day_end_us, ctx.layout, ctx.config,
@@ -294,6 +301,82 @@ class BuildExampleBatches(beam.DoFn):
                 self._examples.inc()
                 yield serialize_example(example, self._spec)
                 yield beam.pvalue.TaggedOutput(self.STATS, example_stats_record(example, target_rewards))
+
+
+class _SnapshotPart:
+    """One snapshot part's rows in user_id order, handed out up to a user id: a merge join's cursor. A missing
+    part (no snapshot that day) has no rows."""
+
+    def __init__(self, path: Optional[str], shard: int, num_shards: int, batch_users: int):
+        from transforms import histories
+
+        self._handle, self._batches = None, iter(())
+        self._pending = pa.schema(list(SNAPSHOT_COLUMNS)).empty_table()
+        if path is None:
+            return
+        source, self._handle = histories.open_snapshot_shard(path)
+        ids = source.read(columns=["user_id"])["user_id"]
+        in_order = histories.check_snapshot_part(path, ids.to_pylist(), shard, num_shards)
+        order = None if in_order else pc.sort_indices(ids).to_numpy()
+        self._batches = histories.rows_in_user_order(source, in_order, order, batch_users,
+                                                     [f.name for f in SNAPSHOT_COLUMNS])
+
+    def batches(self) -> Iterator[pa.Table]:
+        """The rows in batches (for the part that drives the join)."""
+        return self._batches
+
+    def rows_through(self, last_user: str) -> pa.Table:
+        """The next rows whose user_id is <= ``last_user``, consumed."""
+        while not self._pending.num_rows or self._pending["user_id"][-1].as_py() <= last_user:
+            following = next(self._batches, None)
+            if following is None:
+                break
+            self._pending = pa.concat_tables([self._pending, following]) if self._pending.num_rows else following
+        through = int(pc.sum(pc.less_equal(self._pending["user_id"], last_user)).as_py() or 0)
+        rows, self._pending = self._pending.slice(0, through), self._pending.slice(through)
+        return rows
+
+    def close(self):
+        if self._handle is not None:
+            self._handle.close()
+
+
+class _BuildShardExamples(BuildExampleBatches):
+    """A shard number -> the examples of the shard's users active on D, built from part s of the snapshots of D-1,
+    D and D+1 (each sorted by user_id, so a merge join, with no shuffle): the day's part is read a batch of users
+    at a time, and the other two parts are read along up to its last user. Memory is a few row groups, whatever
+    the history length or the shard's size. Also counts the users in (the day's active rows)."""
+
+    def __init__(self, context: ExampleBuildContext, snapshot_dirs: Sequence[Optional[str]], num_shards: int,
+                 batch_users: int):
+        super().__init__(context)
+        self._dirs, self._num_shards, self._batch_users = tuple(snapshot_dirs), num_shards, batch_users
+
+    def process(self, shard: int):
+        ctx = self._context
+        trim = columnar.Trim.for_day(ctx.day_start_us, ctx.day_end_us, ctx.layout, ctx.config)
+        parts = [_SnapshotPart(None if d is None else outputs.shard_path(d, shard, self._num_shards), shard,
+                               self._num_shards, self._batch_users) for d in self._dirs]
+        before, day, after = parts
+        try:
+            for rows in day.batches():
+                if not rows.num_rows:
+                    continue
+                last_user = rows["user_id"][-1].as_py()
+                active = rows.filter(columnar.active_in(rows, ctx.day_start_us, ctx.day_end_us))
+                neighbours = [part.rows_through(last_user) for part in (before, after)]
+                if not active.num_rows:
+                    continue
+                yield beam.pvalue.TaggedOutput(self.COUNTS, ((USERS, ctx.date, outputs.IN, ""), active.num_rows))
+                ids = active["user_id"]
+                packed = [dict(pack_snapshot_rows(t.filter(pc.is_in(t["user_id"], value_set=ids)), None, trim))
+                          for t in neighbours]
+                users = [(user_id, [p for p in (packed[0].get(user_id), pack, packed[1].get(user_id)) if p])
+                         for user_id, pack in pack_snapshot_rows(active, None, trim)]
+                yield from self._build(users)
+        finally:
+            for part in parts:
+                part.close()
 
 
 class BuildExamples(beam.PTransform):
@@ -329,5 +412,30 @@ class BuildExamples(beam.PTransform):
                      main="examples"))
         users_in = keyed["day"] | "CountUsersIn" >> outputs.CountRows(USERS, ctx.date, outputs.IN)
         counts = (users_in, built[BuildExampleBatches.COUNTS]) | "AllCounts" >> beam.Flatten()
-        stats = built[BuildExampleBatches.STATS] | "ExampleStats" >> beam.CombineGlobally(ExampleStats())
-        return {"examples": built.examples, "stats": stats, "counts": counts, "dead": built[BuildExampleBatches.DEAD]}
+        return _example_outputs(built, counts)
+
+
+def _example_outputs(built, counts) -> Dict[str, Any]:
+    stats = built[BuildExampleBatches.STATS] | "ExampleStats" >> beam.CombineGlobally(ExampleStats())
+    return {"examples": built.examples, "stats": stats, "counts": counts, "dead": built[BuildExampleBatches.DEAD]}
+
+
+class BuildExamplesByShard(beam.PTransform):
+    """The pipeline's begin -> what ``BuildExamples`` returns, for snapshots of D-1, D and D+1 written with the same
+    ``num_shards`` (``histories.snapshot_shard_count``; a missing day is None): part s of each holds the same
+    users, sorted, so each shard's examples are built by a merge join of its three parts (``_BuildShardExamples``)
+    and no snapshot row crosses a shuffle. The examples are those ``BuildExamples`` builds, byte for byte."""
+
+    def __init__(self, context: ExampleBuildContext, snapshot_dirs: Sequence[Optional[str]], num_shards: int,
+                 batch_users: int = 256):
+        super().__init__()
+        self._fn = _BuildShardExamples(context, snapshot_dirs, num_shards, batch_users)
+        self._num_shards = num_shards
+
+    def expand(self, pbegin):
+        fn = self._fn
+        built = (pbegin
+                 | "Shards" >> beam.Create(list(range(self._num_shards)))
+                 | "SpreadShards" >> beam.Reshuffle()  # one shard per worker on Dataflow, not all on the first
+                 | "BuildShardExamples" >> beam.ParDo(fn).with_outputs(fn.STATS, fn.COUNTS, fn.DEAD, main="examples"))
+        return _example_outputs(built, built[fn.COUNTS])

@@ -20,7 +20,7 @@ the history caps. Snapshot files hold row groups of ``SNAPSHOT_ROW_GROUP_USERS``
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -40,6 +40,9 @@ COUNTS, DEAD = "counts", "dead"
 # Users per row group of a snapshot file: a reader (build_examples' ReadFromParquetBatched, the next day's fold)
 # decodes one row group at a time, so this bounds its memory to 128 users' histories, not a shard's.
 SNAPSHOT_ROW_GROUP_USERS = 128
+# Snapshots are written without dictionary encoding: in 128-user row groups a dictionary per column chunk costs
+# about a third of the write (the fold's largest cost) and zstd compresses the plain pages a little smaller.
+SNAPSHOT_DICTIONARY = False
 # What a user's shuffled payload holds: (records of the previous snapshot?, watches?).
 OLD_WATCHES, OLD_SEARCHES, WATCHES, SEARCHES = (True, True), (True, False), (False, True), (False, False)
 
@@ -246,13 +249,32 @@ class FoldHistories(beam.PTransform):
 # ---------------------------------------------------------------------------------------------------------------
 # The fold shard by shard: yesterday's snapshot never crosses a shuffle.
 # ---------------------------------------------------------------------------------------------------------------
-def is_sharded_snapshot(directory: str, num_shards: int) -> bool:
+def _parquet_names(directory: str) -> set:
+    from apache_beam.io.filesystems import FileSystems
+
+    return {FileSystems.split(m.path)[1]
+            for m in FileSystems.match([outputs.join(directory, "*.parquet")])[0].metadata_list}
+
+
+def snapshot_shard_count(directory: str):
+    """N when ``directory`` holds exactly the files ``WriteSnapshots`` writes with N shards (``part-SSSSS-of-NNNNN``,
+    every S < N), else None: the snapshot's part s then holds the users of shard s (``outputs.shard_of``)."""
+    import re
+
+    names = _parquet_names(directory)
+    counts = {int(m.group(1)) for m in (re.fullmatch(r"part-\d{5}-of-(\d{5})\.parquet", n) for n in names) if m}
+    if len(counts) != 1:
+        return None
+    num_shards = counts.pop()
+    return num_shards if is_sharded_snapshot(directory, num_shards, names) else None
+
+
+def is_sharded_snapshot(directory: str, num_shards: int, names=None) -> bool:
     """Whether ``directory`` holds exactly the files ``WriteSnapshots`` writes with ``num_shards`` shards (so its part
     s holds the users of shard s, as today's will)."""
     from apache_beam.io.filesystems import FileSystems
 
-    found = {FileSystems.split(m.path)[1]
-             for m in FileSystems.match([outputs.join(directory, "*.parquet")])[0].metadata_list}
+    found = names if names is not None else _parquet_names(directory)
     return found == {FileSystems.split(outputs.shard_path(directory, s, num_shards))[1] for s in range(num_shards)}
 
 
@@ -263,6 +285,30 @@ def open_snapshot_shard(path: str):
 
     handle = open(path, "rb") if "://" not in path else FileSystems.open(path)
     return pq.ParquetFile(handle), handle
+
+
+def check_snapshot_part(path: str, user_ids: List[str], shard: int, num_shards: int) -> bool:
+    """Whether a snapshot part's user ids are sorted (as written); raises if it is not part ``shard`` of
+    ``num_shards`` or holds a user twice."""
+    if len(set(user_ids)) != len(user_ids):
+        raise ValueError(f"snapshot {path} has several rows for one user")
+    misplaced = [user for user in user_ids if outputs.shard_of(user, num_shards) != shard]
+    if misplaced:
+        raise ValueError(f"snapshot {path} holds users of other shards (e.g. {misplaced[0]!r}): it was not written "
+                         f"by update_histories with --history_shards={num_shards}")
+    return all(a < b for a, b in zip(user_ids, user_ids[1:]))
+
+
+def rows_in_user_order(source, in_order: bool, order: np.ndarray, batch_users: int, columns=None):
+    """A snapshot part's rows in user_id order, ``batch_users`` at a time: streamed row group by row group when the
+    file is sorted (as written), else read whole and taken in ``order``."""
+    if not in_order:
+        rows = source.read(columns=columns).take(pa.array(order, pa.int64()))
+        for start in range(0, rows.num_rows, batch_users):
+            yield rows.slice(start, batch_users)
+        return
+    for batch in source.iter_batches(batch_size=batch_users, columns=columns):
+        yield pa.Table.from_batches([batch])
 
 
 class _FoldShard(beam.DoFn):
@@ -277,27 +323,6 @@ class _FoldShard(beam.DoFn):
         self._date, self._version, self._max_watches, self._max_searches = date, version, max_watches, max_searches
         self._previous_dir, self._out_dir, self._num_shards = previous_dir, out_dir, num_shards
 
-    def _check(self, path: str, user_ids: List[str], shard: int) -> bool:
-        """Whether yesterday's part's user ids are sorted (as written); raises if it is not a part of ``shard``."""
-        if len(set(user_ids)) != len(user_ids):
-            raise ValueError(f"previous snapshot {path} has several rows for one user")
-        misplaced = [user for user in user_ids if outputs.shard_of(user, self._num_shards) != shard]
-        if misplaced:
-            raise ValueError(f"previous snapshot {path} holds users of other shards (e.g. {misplaced[0]!r}): it was "
-                             f"not written by update_histories with --history_shards={self._num_shards}")
-        return all(a < b for a, b in zip(user_ids, user_ids[1:]))
-
-    @staticmethod
-    def _previous_rows(source, in_order: bool, order: np.ndarray, batch_users: int):
-        """Yesterday's rows in user_id order, a batch at a time (read whole and sorted if the file is not sorted)."""
-        if not in_order:
-            rows = source.read().take(pa.array(order, pa.int64()))
-            for start in range(0, rows.num_rows, batch_users):
-                yield rows.slice(start, batch_users)
-            return
-        for batch in source.iter_batches(batch_size=batch_users):
-            yield pa.Table.from_batches([batch])
-
     def process(self, keyed):
         import pyarrow.compute as pc
 
@@ -309,11 +334,15 @@ class _FoldShard(beam.DoFn):
         new = {kind: pa.concat_tables([schema.empty_table(), *payloads[kind]])
                for kind, schema in ((WATCHES, hf.WATCH_RECORD_SCHEMA), (SEARCHES, hf.SEARCH_RECORD_SCHEMA))}
         del payloads
-        path = outputs.shard_path(self._previous_dir, shard, self._num_shards)
-        source, handle = open_snapshot_shard(path)
-        try:
+        source = handle = None
+        if self._previous_dir is None:  # a backfill: no snapshot before the day
+            previous_ids, in_order = pa.chunked_array([], pa.string()), True
+        else:
+            path = outputs.shard_path(self._previous_dir, shard, self._num_shards)
+            source, handle = open_snapshot_shard(path)
             previous_ids = source.read(columns=["user_id"])["user_id"]
-            in_order = self._check(path, previous_ids.to_pylist(), shard)
+            in_order = check_snapshot_part(path, previous_ids.to_pylist(), shard, self._num_shards)
+        try:
             # Today's users in user_id order (Arrow's byte order, Python's str order): yesterday's and the day's.
             ids = pa.chunked_array([*previous_ids.chunks, *new[WATCHES]["user_id"].chunks,
                                     *new[SEARCHES]["user_id"].chunks], pa.string())
@@ -332,10 +361,12 @@ class _FoldShard(beam.DoFn):
             new_rows = {kind: new[kind].num_rows for kind in new}
             del new
             kept = {WATCHES: 0, SEARCHES: 0}
-            batches = self._previous_rows(source, in_order, previous_order, group_users)
-            pending = source.schema_arrow.empty_table()
+            batches = (iter(()) if source is None
+                       else rows_in_user_order(source, in_order, previous_order, group_users))
+            pending = schemas.HISTORIES_SCHEMA.empty_table() if source is None else source.schema_arrow.empty_table()
             out_path = outputs.shard_path(self._out_dir, shard, self._num_shards)
-            with outputs.ParquetFileWriter(out_path, schemas.HISTORIES_SCHEMA, group_users) as writer:
+            with outputs.ParquetFileWriter(out_path, schemas.HISTORIES_SCHEMA, group_users,
+                                           SNAPSHOT_DICTIONARY) as writer:
                 for first in range(0, len(users), group_users):
                     last = min(first + group_users, len(users))
                     # Yesterday's rows of these users: the next ones in user_id order.
@@ -359,7 +390,8 @@ class _FoldShard(beam.DoFn):
                                         *folded)
                     writer.write(rows.cast(schemas.HISTORIES_SCHEMA).combine_chunks())
         finally:
-            handle.close()
+            if handle is not None:
+                handle.close()
         for table, kind in ((schemas.WATCH_EVENTS, WATCHES), (schemas.SEARCH_EVENTS, SEARCHES)):
             if new_rows[kind]:
                 yield _count(table, self._date, outputs.OUT, kept[kind])
@@ -374,10 +406,11 @@ class FoldShards(beam.PTransform):
     """The day's payloads keyed by shard (``KeyByUser(..., num_shards=n)``) -> today's snapshot files, one per shard
     (empty ones too), each folded from yesterday's part of the same shard: {"files": file names, "counts"}.
     Only the day's events are shuffled; memory and cost are one shard's read, sort and rewrite. Needs yesterday's
-    snapshot written with the same shard count (``is_sharded_snapshot``) and the same SID model."""
+    snapshot written with the same shard count (``is_sharded_snapshot``) and the same SID model, or none
+    (``previous_dir`` None: a backfill, every user's history built from the window's events alone)."""
 
     def __init__(self, snapshot_date: str, sid_model_version: str, max_watches: int, max_searches: int,
-                 previous_dir: str, out_dir: str, num_shards: int):
+                 previous_dir: Optional[str], out_dir: str, num_shards: int):
         super().__init__()
         self._num_shards = num_shards
         self._fn = _FoldShard(snapshot_date, sid_model_version, max_watches, max_searches, previous_dir, out_dir,
@@ -412,13 +445,15 @@ class _WriteSnapshotShard(beam.DoFn):
 
         shard, grouped = keyed
         pieces = [piece for piece in grouped["pieces"] if piece.num_rows]
-        rows = schemas.HISTORIES_SCHEMA.empty_table()
-        if pieces:
-            rows = pa.concat_tables(pieces)
-            rows = rows.take(pc.sort_indices(rows, [("user_id", "ascending")]))
-        yield outputs.write_parquet_file(outputs.shard_path(self._directory, shard, self._num_shards),
-                                         rows.cast(schemas.HISTORIES_SCHEMA).combine_chunks(),
-                                         row_group_size=SNAPSHOT_ROW_GROUP_USERS)
+        rows = pa.concat_tables(pieces) if pieces else schemas.HISTORIES_SCHEMA.empty_table()
+        order = pc.sort_indices(rows, [("user_id", "ascending")])
+        path = outputs.shard_path(self._directory, shard, self._num_shards)
+        # A row group at a time: the shard is never copied whole (sorted, cast, combined) next to its pieces.
+        with outputs.ParquetFileWriter(path, schemas.HISTORIES_SCHEMA, SNAPSHOT_ROW_GROUP_USERS,
+                                       SNAPSHOT_DICTIONARY) as writer:
+            for start in range(0, len(order), SNAPSHOT_ROW_GROUP_USERS):
+                writer.write(rows.take(order.slice(start, SNAPSHOT_ROW_GROUP_USERS)).cast(schemas.HISTORIES_SCHEMA))
+        yield path
 
 
 class WriteSnapshots(beam.PTransform):

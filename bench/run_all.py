@@ -28,9 +28,10 @@ SMALL_FLAGS = {
     "decoding": ["--users=8", "--history-len=64", "--catalogue=10000", "--repeats=2"],
     "model_training": ["--presets=tiny", "--synthetic"],
     "refresh_users": ["--small"],
+    "validate_inputs": ["--users=500,2000", "--range-days=30"],
 }
-ORDER = ["rqvae_training", "sid_real_data", "sid_assignment", "decoding", "examples_pipeline", "model_training",
-         "refresh_users"]
+ORDER = ["rqvae_training", "sid_real_data", "sid_assignment", "decoding", "validate_inputs", "examples_pipeline",
+         "model_training", "refresh_users"]
 
 
 def _sid_assignment(r):
@@ -83,9 +84,15 @@ def _refresh_users(r):
                      "MiB" for x in r["results"])
 
 
+def _validate_inputs(r):
+    f = r["figures"]
+    return (f"marginal {f['marginal_rows_per_cpu_s']:,.0f} rows/CPU-s"
+            + (f"; range peak RSS {f['range_peak_rss_mib']:,.0f} MiB" if "range_peak_rss_mib" in f else ""))
+
+
 HEADLINES = {"sid_assignment": _sid_assignment, "examples_pipeline": _examples_pipeline,
              "rqvae_training": _rqvae_training, "sid_real_data": _sid_real_data, "decoding": _decoding,
-             "model_training": _model_training, "refresh_users": _refresh_users}
+             "model_training": _model_training, "refresh_users": _refresh_users, "validate_inputs": _validate_inputs}
 
 
 def _generic(r):

@@ -182,6 +182,7 @@ def test_shard_by_shard_fold_writes_the_bytes_of_the_fold_by_user(tmp_path, monk
     d1_by_shard = _snapshot_bytes(tmp_path, D1)
     with monkeypatch.context() as patch:
         patch.setattr(update_histories, "folds_by_shard", lambda *args: False)
+        patch.setattr(histories, "EVENT_SLICE_ROWS", 5)  # a row group keyed a few rows at a time: the same fold
         d1_summary_by_user, _ = run(tmp_path, D1, "--backfill_days=1", "--history_shards=3")
     assert _snapshot_bytes(tmp_path, D1) == d1_by_shard
     assert d1_summary_by_user["tables"] == d1_summary["tables"] and d1_summary_by_user["stats"] == d1_summary["stats"]
@@ -196,6 +197,7 @@ def test_shard_by_shard_fold_writes_the_bytes_of_the_fold_by_user(tmp_path, monk
     assert [w["video_id"] for w in snap["user1"]["watches"]] == ["v1"]
 
     monkeypatch.setattr(histories, "is_sharded_snapshot", lambda directory, num_shards: False)
+    monkeypatch.setattr(histories, "EVENT_SLICE_ROWS", 3)  # a user's 4 watches split over slices: bound the same
     summary_by_user, _ = run(tmp_path, D2, "--history_shards=3", "--max_history_watches=3")
     assert _snapshot_bytes(tmp_path, D2) == by_shard
     assert summary_by_user["tables"] == summary["tables"] and summary_by_user["stats"] == summary["stats"]

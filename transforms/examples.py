@@ -427,7 +427,7 @@ class BuildExamplesByShard(beam.PTransform):
     and no snapshot row crosses a shuffle. The examples are those ``BuildExamples`` builds, byte for byte."""
 
     def __init__(self, context: ExampleBuildContext, snapshot_dirs: Sequence[Optional[str]], num_shards: int,
-                 batch_users: int = 256):
+                 batch_users: int = 128):
         super().__init__()
         self._fn = _BuildShardExamples(context, snapshot_dirs, num_shards, batch_users)
         self._num_shards = num_shards

@@ -43,6 +43,12 @@ SNAPSHOT_ROW_GROUP_USERS = 128
 # Snapshots are written without dictionary encoding: in 128-user row groups a dictionary per column chunk costs
 # about a third of the write (the fold's largest cost) and zstd compresses the plain pages a little smaller.
 SNAPSHOT_DICTIONARY = False
+# Events keyed at a time (``_KeyByUser``).
+EVENT_SLICE_ROWS = 1 << 17
+# A shard's payload holds the shard's share of a whole row group of events (a backfill's can be most of a day's
+# data), shuffled and, on an in-process runner, held in memory until the fold: LZ4 halves it for less CPU than the
+# copies it saves.
+SHARD_PAYLOAD_COMPRESSION = "lz4"
 # What a user's shuffled payload holds: (records of the previous snapshot?, watches?).
 OLD_WATCHES, OLD_SEARCHES, WATCHES, SEARCHES = (True, True), (True, False), (False, True), (False, False)
 
@@ -102,6 +108,12 @@ class _KeyByUser(beam.DoFn):
         if self._table == schemas.HISTORIES:
             yield from self._snapshots(batch, video_sids)
             return
+        # A row group of validated events can hold a million rows: keyed a slice at a time, the copies made on the
+        # way (records with SIDs, the bound's order, the payloads) stay a slice's size.
+        for start in range(0, max(batch.num_rows, 1), EVENT_SLICE_ROWS):
+            yield from self._events(batch.slice(start, EVENT_SLICE_ROWS), video_sids)
+
+    def _events(self, batch: pa.Table, video_sids):
         yield _count(self._table, self._date, outputs.IN, batch.num_rows)
         if self._table == schemas.SEARCH_EVENTS:
             yield from self._by_user(hf.search_records(batch), SEARCHES)
@@ -145,7 +157,7 @@ class _KeyByUser(beam.DoFn):
         parts = records.take(pa.array(kept, pa.int64()))
         for shard, part in hf.split_by_group(parts, user_shards[groups[kept]], self._num_shards):
             if part.num_rows:
-                yield shard, (kind, hf.to_ipc(part))
+                yield shard, (kind, hf.to_ipc(part, SHARD_PAYLOAD_COMPRESSION))
 
     def _snapshots(self, rows: pa.Table, video_sids):
         """Yesterday's snapshot rows -> a watches and a searches payload for every user (even empty ones, so every
@@ -300,15 +312,22 @@ def check_snapshot_part(path: str, user_ids: List[str], shard: int, num_shards: 
 
 
 def rows_in_user_order(source, in_order: bool, order: np.ndarray, batch_users: int, columns=None):
-    """A snapshot part's rows in user_id order, ``batch_users`` at a time: streamed row group by row group when the
-    file is sorted (as written), else read whole and taken in ``order``."""
+    """A snapshot part's rows in user_id order, about ``batch_users`` at a time: streamed row group by row group when
+    the file is sorted (as written), else read whole and taken in ``order``. Whole row groups, read as tables: a
+    record-batch reader (``iter_batches``) holds several times a batch's bytes in read-ahead buffers, and with three
+    parts open (build_examples) that, not the batch, was most of the job's memory at long histories."""
     if not in_order:
         rows = source.read(columns=columns).take(pa.array(order, pa.int64()))
         for start in range(0, rows.num_rows, batch_users):
             yield rows.slice(start, batch_users)
         return
-    for batch in source.iter_batches(batch_size=batch_users, columns=columns):
-        yield pa.Table.from_batches([batch])
+    metadata, groups, users = source.metadata, [], 0
+    for index in range(metadata.num_row_groups):
+        groups.append(index)
+        users += metadata.row_group(index).num_rows
+        if users >= batch_users or index == metadata.num_row_groups - 1:
+            yield source.read_row_groups(groups, columns=columns)
+            groups, users = [], 0
 
 
 class _FoldShard(beam.DoFn):

@@ -139,9 +139,10 @@ def snapshots(user_ids: Sequence[str], snapshot_date: str, sid_model_version: st
 # ---------------------------------------------------------------------------------------------------------------
 # Compact encodings for Beam's shuffle: Arrow IPC bytes (a pickled Arrow slice would carry its whole parent buffer).
 # ---------------------------------------------------------------------------------------------------------------
-def to_ipc(table: pa.Table) -> bytes:
+def to_ipc(table: pa.Table, compression: str = None) -> bytes:
+    """``table`` as Arrow IPC stream bytes (``compression``: None, "lz4" or "zstd" buffers; ``from_ipc`` reads any)."""
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 

@@ -39,6 +39,9 @@ def test_history_feature_and_example_jobs_translate(daily_flow, translated_jobs)
     assert any("FoldShards" in n for n in transform_names(translated_jobs[0]))
     assert any("Analyze" in n for n in transform_names(translated_jobs[1]))
     assert any("WriteTFRecords" in n for n in transform_names(translated_jobs[2]))
+    # The three snapshots share one shard count: examples are built by a merge join per shard, no snapshot shuffle.
+    assert any("BuildExamplesByShard" in n for n in transform_names(translated_jobs[2]))
+    assert not any("JoinSnapshots" in n for n in transform_names(translated_jobs[2]))
 
 
 GPU_ACCELERATOR = "worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"

@@ -9,11 +9,13 @@ previous day's snapshot instead:
 Everything moves as Arrow tables of flat records (``transforms.history_fold``), never one Python object per event:
 per-event Beam coders, DoFn calls and datetimes cost 5-6x the fold itself. Usually (``FoldShards``) yesterday's
 snapshot never crosses a shuffle: its part s holds the users of today's part s, so the day's events are cut into
-one Arrow IPC payload per shard, grouped by shard, and each shard's fold streams yesterday's part, folding and
-writing ``SNAPSHOT_ROW_GROUP_USERS`` users at a time with one array sort per table. After a backfill, a SID model
-change or a change of shard count (``FoldHistories``), each input row group is cut into one payload per user, the
-shuffle groups a user's payloads (yesterday's snapshot and the day's events), and the fold runs on batches of users.
-A heavy user's (or bot's) day is bounded before the shuffle to the ``max`` most recent events of each row group, and
+one Arrow IPC payload per shard (LZ4-compressed), grouped by shard, and each shard's fold streams yesterday's part,
+folding and writing ``SNAPSHOT_ROW_GROUP_USERS`` users at a time with one array sort per table; a backfill (no
+snapshot yesterday) folds its window's events the same way, from nothing. After a SID model change or a change of
+shard count (``FoldHistories``), each input row group is cut into one payload per user, the shuffle groups a user's
+payloads (yesterday's snapshot and the day's events), and the fold runs on batches of users. Input row groups are
+keyed ``EVENT_SLICE_ROWS`` rows at a time. A heavy user's (or bot's) day is bounded before the shuffle to the
+``max`` most recent events of each slice, and
 again after it; events the bounds drop are counted, so the run summary shows every input row in a snapshot, dropped
 by design, or dead-lettered. Memory is a group of users plus one shard's day (``FoldShards``) or, per key, bounded by
 the history caps. Snapshot files hold row groups of ``SNAPSHOT_ROW_GROUP_USERS`` users, so their readers' is too.
@@ -37,7 +39,7 @@ from transforms.validation import parse_timestamp, row_to_json  # one serializer
 VIDEO_WITHOUT_SID = "video_without_sid"
 DROPPED_BY_HISTORY_BOUND = "over_daily_history_bound"
 COUNTS, DEAD = "counts", "dead"
-# Users per row group of a snapshot file: a reader (build_examples' ReadFromParquetBatched, the next day's fold)
+# Users per row group of a snapshot file: a reader (build_examples' merge join, the next day's fold)
 # decodes one row group at a time, so this bounds its memory to 128 users' histories, not a shard's.
 SNAPSHOT_ROW_GROUP_USERS = 128
 # Snapshots are written without dictionary encoding: in 128-user row groups a dictionary per column chunk costs

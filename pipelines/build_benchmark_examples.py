@@ -38,7 +38,7 @@ from pipelines.cli import run_main, run_staged
 from pipelines.options import JobSpec, TokenMindsOptions, artifact_paths, parse_job_options, processing_dates
 from pipelines.update_histories import require_success, snapshot_dir, snapshot_sid_model_version
 from transforms import benchmark_examples as bx
-from transforms import outputs, schemas
+from transforms import examples, outputs, schemas
 
 SUMMARY_FILE = "summary.json"
 FEATURE_SPEC_FILE = "feature_spec.json"
@@ -77,7 +77,7 @@ def build(pipeline: beam.Pipeline, context: bx.SplitBuildContext, snapshots: str
           train_shards: int) -> None:
     # 1. Read the snapshot as Arrow tables.
     tables = pipeline | "ReadSnapshot" >> ReadFromParquetBatched(outputs.join(snapshots, "*.parquet"),
-                                                                  columns=["user_id", "watches", "searches"])
+                                                                  columns=examples.SNAPSHOT_COLUMN_NAMES)
     # 2. Split every user's timeline and build the examples in columnar batches.
     built = tables | "BuildBenchmarkExamples" >> bx.BuildBenchmarkExamples(context)
     # 3. Write each split, the sequences and the dead letters; then the summary and the _SUCCESS markers.

@@ -146,8 +146,8 @@ def build_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: Bui
     #      day has no history), in columnar batches. Snapshots written with one shard count hold the same users in
     #      part s, sorted, so each shard is a merge join of its three parts and nothing is shuffled; otherwise the
     #      snapshots are read as Arrow tables and joined by user.
-    directories = [snapshot_dir(output_root, d) if outputs.success_marker_exists(snapshot_dir(output_root, d))
-                   else None for d in snapshot_days]
+    directories = [directory if outputs.success_marker_exists(directory) else None
+                   for directory in (snapshot_dir(output_root, d) for d in snapshot_days)]
     shard_counts = {histories.snapshot_shard_count(d) for d in directories if d is not None}
     if len(shard_counts) == 1 and None not in shard_counts:
         built = pipeline | "BuildExamplesByShard" >> examples.BuildExamplesByShard(context, directories,
@@ -159,7 +159,7 @@ def build_day(pipeline: beam.Pipeline, date: dt.date, output_root: str, job: Bui
                 snapshots.append(pipeline | f"No{label}" >> beam.Create([]))
             else:
                 snapshots.append(pipeline | f"Read{label}" >> ReadFromParquetBatched(
-                    outputs.join(directory, "*.parquet"), columns=["user_id", "watches", "searches"]))
+                    outputs.join(directory, "*.parquet"), columns=examples.SNAPSHOT_COLUMN_NAMES))
         built = tuple(snapshots) | "BuildExamples" >> examples.BuildExamples(context)
 
     # 3. Write shards and dead letters, then stats.json and _SUCCESS.

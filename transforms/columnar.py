@@ -496,9 +496,9 @@ def look_ahead_targets(batch: Batch, cutoffs: Sequence[Tuple[int, int]], user_id
         positive = np.flatnonzero(value > 0.0)  # in (window, timeline) order
         chosen = positive[np.r_[True, example[positive][1:] != example[positive][:-1]]] if len(positive) else positive
         # The chosen watch's video's best reward: its (window, video) group's, found in ``best``'s order.
-        group = np.searchsorted(example[best] * (int(video.max()) + 1) + video[best],
-                                example[chosen] * (int(video.max()) + 1) + video[chosen]) if len(chosen) else chosen
-        picks, chosen_value = chosen, value[best[group]] if len(chosen) else np.zeros(0)
+        span = int(video.max()) + 1 if len(video) else 1
+        group = np.searchsorted(example[best] * span + video[best], example[chosen] * span + video[chosen])
+        picks, chosen_value = chosen, value[best[group]]
     else:
         candidates = best[value[best] > 0.0]
         keys = np.empty(len(candidates))

@@ -32,8 +32,9 @@ from transforms import columnar, features, outputs, schemas, sequences
 from transforms import targets as target_lib
 
 EXAMPLE_BUILD_ERROR = "example_build_error"
-# The snapshot columns examples are built from.
+# The snapshot columns examples are built from (training, eval and benchmark examples alike).
 SNAPSHOT_COLUMNS = [f for f in schemas.HISTORIES_SCHEMA if f.name in ("user_id", "watches", "searches")]
+SNAPSHOT_COLUMN_NAMES = [f.name for f in SNAPSHOT_COLUMNS]
 NO_EXAMPLE = "no_cutoff_with_history_and_targets"
 USERS = "users"
 
@@ -314,12 +315,9 @@ class _SnapshotPart:
         self._pending = pa.schema(list(SNAPSHOT_COLUMNS)).empty_table()
         if path is None:
             return
-        source, self._handle = histories.open_snapshot_shard(path)
-        ids = source.read(columns=["user_id"])["user_id"]
-        in_order = histories.check_snapshot_part(path, ids.to_pylist(), shard, num_shards)
+        source, self._handle, ids, in_order = histories.open_checked_part(path, shard, num_shards)
         order = None if in_order else pc.sort_indices(ids).to_numpy()
-        self._batches = histories.rows_in_user_order(source, in_order, order, batch_users,
-                                                     [f.name for f in SNAPSHOT_COLUMNS])
+        self._batches = histories.rows_in_user_order(source, in_order, order, batch_users, SNAPSHOT_COLUMN_NAMES)
 
     def batches(self) -> Iterator[pa.Table]:
         """The rows in batches (for the part that drives the join)."""

@@ -313,6 +313,18 @@ def check_snapshot_part(path: str, user_ids: List[str], shard: int, num_shards: 
     return all(a < b for a, b in zip(user_ids, user_ids[1:]))
 
 
+def open_checked_part(path: str, shard: int, num_shards: int):
+    """Snapshot part ``shard`` of ``num_shards`` opened (``open_snapshot_shard``) and checked
+    (``check_snapshot_part``): (source, handle to close, its user ids, whether they are sorted)."""
+    source, handle = open_snapshot_shard(path)
+    try:
+        ids = source.read(columns=["user_id"])["user_id"]
+        return source, handle, ids, check_snapshot_part(path, ids.to_pylist(), shard, num_shards)
+    except Exception:
+        handle.close()
+        raise
+
+
 def rows_in_user_order(source, in_order: bool, order: np.ndarray, batch_users: int, columns=None):
     """A snapshot part's rows in user_id order, about ``batch_users`` at a time: streamed row group by row group when
     the file is sorted (as written), else read whole and taken in ``order``. Whole row groups, read as tables: a
@@ -359,10 +371,8 @@ class _FoldShard(beam.DoFn):
         if self._previous_dir is None:  # a backfill: no snapshot before the day
             previous_ids, in_order = pa.chunked_array([], pa.string()), True
         else:
-            path = outputs.shard_path(self._previous_dir, shard, self._num_shards)
-            source, handle = open_snapshot_shard(path)
-            previous_ids = source.read(columns=["user_id"])["user_id"]
-            in_order = check_snapshot_part(path, previous_ids.to_pylist(), shard, self._num_shards)
+            source, handle, previous_ids, in_order = open_checked_part(
+                outputs.shard_path(self._previous_dir, shard, self._num_shards), shard, self._num_shards)
         try:
             # Today's users in user_id order (Arrow's byte order, Python's str order): yesterday's and the day's.
             ids = pa.chunked_array([*previous_ids.chunks, *new[WATCHES]["user_id"].chunks,

@@ -252,21 +252,20 @@ def shards_of(keys: pa.Array, num_shards: int) -> np.ndarray:
     return np.array([crc32(data[a:b]) for a, b in zip(offsets[:-1], offsets[1:])], np.int64) % num_shards
 
 
-def write_parquet_file(path: str, rows: pa.Table, row_group_size: int = None, use_dictionary: bool = True) -> str:
-    """``rows`` as one parquet file: one row group, or row groups of ``row_group_size`` rows; ``use_dictionary``
-    False: plain encoding (cheaper to write where zstd compresses as well without dictionaries)."""
+def write_parquet_file(path: str, rows: pa.Table, row_group_size: int = None) -> str:
+    """``rows`` as one parquet file: one row group, or row groups of ``row_group_size`` rows."""
     import pyarrow.parquet as pq
 
     with FileSystems.create(path) as handle:
-        pq.write_table(rows, handle, compression="zstd", row_group_size=row_group_size, use_dictionary=use_dictionary)
+        pq.write_table(rows, handle, compression="zstd", row_group_size=row_group_size)
     return path
 
 
 class ParquetFileWriter:
     """A parquet file written table by table, in row groups of exactly ``row_group_size`` rows (the last one
-    shorter): the bytes ``write_parquet_file(path, <the tables concatenated>, row_group_size, use_dictionary)``
-    writes, with at most about one row group of rows held here. Use as a context manager; a file given no rows holds
-    the empty table."""
+    shorter): the bytes ``write_parquet_file(path, <the tables concatenated>, row_group_size)`` writes
+    (``use_dictionary`` False: plain-encoded pages, as ``pq.write_table(..., use_dictionary=False)``), with at most
+    about one row group of rows held here. Use as a context manager; a file given no rows holds the empty table."""
 
     def __init__(self, path: str, schema: pa.Schema, row_group_size: int, use_dictionary: bool = True):
         self._path, self._schema, self._size, self._dictionary = path, schema, row_group_size, use_dictionary
